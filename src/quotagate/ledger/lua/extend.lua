@@ -1,0 +1,86 @@
+-- extend.lua: Extend a hold — push its expiry out and/or hold more, all or nothing.
+--
+-- KEYS[1]  the hold's hash
+-- ARGV[1]  now (ms)   ARGV[2] new TTL from now (ms)   ARGV[3] ledger MAXLEN
+-- ARGV[4]  n additional charges   ARGV[5…] meter (escaped), amount pairs
+-- Returns {'OK', decision ('G'|'D'), reason, silent (0|1), {meter, granted, …}, expires_at}
+--      or {'ERR', code, field, msg}. Only a HELD hold within its TTL can be extended.
+-- The extra amounts pass the same checks as Reserve (AI switch, feature, assistant, seat
+-- cap, buckets); a denial changes nothing, not even the expiry.
+
+local key = KEYS[1]
+local now, ttl, maxlen, na = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+  tonumber(ARGV[4])
+
+local h = hold_read(key)
+if not h then return {'ERR', 'NOT_FOUND', 'reservation_id', 'no such reservation'} end
+local states = {C = 'committed', R = 'refunded', E = 'expired'}
+if h.st == 'H' and now >= tonumber(h.exp) then
+  return {'ERR', 'FAILED_PRECONDITION', 'reservation_id', 'reservation has expired'}
+end
+if h.st ~= 'H' then
+  return {'ERR', 'FAILED_PRECONDITION', 'reservation_id', 'reservation is ' .. states[h.st]}
+end
+
+local extra = {}
+for j = 1, na do
+  local m, a = ARGV[3 + 2 * j], tonumber(ARGV[4 + 2 * j])
+  local idx = nil
+  for i = 1, h.n do if h['m' .. i] == m then idx = i end end
+  if not idx then
+    return {'ERR', 'INVALID_ARGUMENT', 'additional', 'meter is not part of this reservation'}
+  end
+  extra[idx] = (extra[idx] or 0) + a
+end
+
+local function deny(reason, silent)
+  return {'OK', 'D', reason, silent and 1 or 0, {}, tonumber(h.exp)}
+end
+
+if na > 0 then
+  local o = redis.call('HMGET', h.cfg, 'ai', 'f:' .. (h.feat or ''),
+    'tf:' .. h.te .. ':' .. (h.feat or ''))
+  if o[1] ~= '1' then return deny('ai', false) end
+  if (h.feat or '') ~= '' and (o[2] == '0' or (h.te ~= '' and o[3] == '0')) then
+    return deny('feature', false)
+  end
+  if h.ae ~= '' and redis.call('HGET', h.cfg, 'as:' .. h.ae) ~= '1' then
+    return deny('inactive', true)
+  end
+end
+
+local ctxs, wss = {}, {}
+for i, a in pairs(extra) do
+  local ctx = hold_ctx(h, i, now)
+  local ws = chain_load(ctx)
+  ctxs[i], wss[i] = ctx, ws
+  local avail = chain_available(ctx, ws)
+  if h.ae ~= '' and avail <= 0 then return deny('inactive', true) end
+  local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h['m' .. i]))
+  if room >= 0 and room < a and room < avail then return deny('seat', false) end
+  if avail < a then return deny('insufficient', false) end
+end
+
+local expires = now + ttl
+local fields = {'exp', I(expires)}
+local granted = {}
+for i = 1, h.n do
+  local a = extra[i]
+  if a then
+    local ctx, ws = ctxs[i], wss[i]
+    local takes = chain_hold(ctx, ws, a)
+    if h.se ~= '' and ws[1].level == 'S' then ws[1].ch = ws[1].ch + a; ws[1].dirty = true end
+    chain_save(ctx, ws)
+    local merged = takes_encode(takes_merge(takes_decode(h['t' .. i]), takes))
+    fields[#fields + 1] = 't' .. i; fields[#fields + 1] = merged
+    fields[#fields + 1] = 'g' .. i; fields[#fields + 1] = I(N(h['g' .. i]) + a)
+    granted[#granted + 1] = h['m' .. i]; granted[#granted + 1] = a
+    ledger_add(h.pre .. 'ledger', maxlen, {'type', 'extend', 'rid', h.rid, 'org', h.o,
+      'team', h.te, 'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', I(a),
+      'takes', takes_encode(takes), 'action', h.act or '', 'feature', h.feat or '',
+      'labels', h.lbl or '', 'at', I(now)})
+  end
+end
+redis.call('HSET', key, unpack(fields))
+redis.call('ZADD', h.pre .. 'exp', I(expires), h.rid)
+return {'OK', 'G', '', 0, granted, expires}

@@ -1,0 +1,422 @@
+-- lib.lua: helpers shared by every script. scripts.py prepends this file to each
+-- script before loading it, so each script stays one EVALSHA (one round trip).
+--
+-- Wallet layout (see keys.py for the key names): one hash per (org, meter), "bal".
+-- A wallet inside it is a field prefix: "" for the org, "T:<team>:" for a team,
+-- "S:<seat>:" for a seat (ids escaped by keys.py, so ':' never appears in them).
+-- Fields of a wallet (all integers):
+--   p   period id the monthly fields belong to (0 for gauge meters: never reset)
+--   mg  monthly tokens granted this period      mu  monthly tokens used this period
+--   mh  monthly tokens held by open holds       tb  top-up tokens left (never expire)
+--   th  top-up tokens held by open holds        tu  top-up tokens used this period
+--   cu  seat only: charged this period (cap)    ch  seat only: held this period (cap)
+-- Org-only fields: d (debt: usage that happened with nothing left to pay it).
+-- Numbers are Lua doubles; amounts are capped at 2^50 by the caller, so sums stay exact.
+
+local function I(x)
+  return string.format('%d', x)
+end
+
+local function N(v)
+  if v == false or v == nil then return 0 end
+  return tonumber(v) or 0
+end
+
+local floor = math.floor
+
+-- Days since 1970-01-01 for a proleptic Gregorian date (H. Hinnant's algorithm).
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m > 2) and (m - 3) or (m + 9)
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local d = doy - floor((153 * mp + 2) / 5) + 1
+  local m = (mp < 10) and (mp + 3) or (mp - 9)
+  if m <= 2 then y = y + 1 end
+  return y, m, d
+end
+
+-- The billing period holding now_ms for an org whose periods start on day `anchor`
+-- (1-28) of each month at 00:00 UTC. Returns id (year*12 + month-1), start ms, end ms.
+local function period_of(now_ms, anchor)
+  local y, m, d = civil_from_days(floor(now_ms / 86400000))
+  if d < anchor then
+    m = m - 1
+    if m == 0 then m = 12; y = y - 1 end
+  end
+  local ny, nm = y, m + 1
+  if nm == 13 then nm = 1; ny = y + 1 end
+  return y * 12 + (m - 1), days_from_civil(y, m, anchor) * 86400000,
+    days_from_civil(ny, nm, anchor) * 86400000
+end
+
+local WF = {'p', 'mg', 'mu', 'mh', 'tb', 'th', 'tu', 'cu', 'ch'}
+
+-- Load a wallet, rolling its monthly fields into period `pid` when they belong to an
+-- older one (the lazy reset: unused monthly tokens do not roll over; top-ups stay).
+-- `grant` is the monthly allowance for a new period (org: plan; team/seat: 0).
+local function wallet_load(bal, pfx, pid, grant)
+  local v = redis.call('HMGET', bal, pfx .. 'p', pfx .. 'mg', pfx .. 'mu', pfx .. 'mh',
+    pfx .. 'tb', pfx .. 'th', pfx .. 'tu', pfx .. 'cu', pfx .. 'ch')
+  local w = {bal = bal, pfx = pfx, dirty = false, rolled = false}
+  for i = 1, #WF do w[WF[i]] = N(v[i]) end
+  if v[1] == false or N(v[1]) ~= pid then
+    w.p = pid; w.mg = grant; w.mu = 0; w.mh = 0; w.tu = 0; w.cu = 0; w.ch = 0
+    w.dirty = true
+    w.rolled = (v[1] ~= false)
+  end
+  return w
+end
+
+local function wallet_save(w)
+  if not w.dirty then return end
+  local p = w.pfx
+  redis.call('HSET', w.bal, p .. 'p', I(w.p), p .. 'mg', I(w.mg), p .. 'mu', I(w.mu),
+    p .. 'mh', I(w.mh), p .. 'tb', I(w.tb), p .. 'th', I(w.th), p .. 'tu', I(w.tu),
+    p .. 'cu', I(w.cu), p .. 'ch', I(w.ch))
+  w.dirty = false
+end
+
+local function avail_m(w)
+  local a = w.mg - w.mu - w.mh
+  if a < 0 then return 0 end
+  return a
+end
+
+local function avail_t(w)
+  local a = w.tb - w.th
+  if a < 0 then return 0 end
+  return a
+end
+
+-- Debt is paid first from whatever the org wallet has free: monthly, then top-up.
+-- After this, debt > 0 implies the org wallet has nothing available.
+local function settle_debt(w, debt)
+  if debt <= 0 then return 0 end
+  local x = math.min(debt, avail_m(w))
+  if x > 0 then w.mu = w.mu + x; debt = debt - x; w.dirty = true end
+  local y = math.min(debt, avail_t(w))
+  if y > 0 then w.tb = w.tb - y; w.tu = w.tu + y; debt = debt - y; w.dirty = true end
+  return debt
+end
+
+-- Monthly grant of the org wallet for meter m from the org's configuration hash.
+local function org_grant(cfg, m)
+  local v = redis.call('HMGET', cfg, 'am:' .. m, 'ap:' .. m, 'seats')
+  return N(v[1]) + N(v[2]) * N(v[3])
+end
+
+-- Escaped ids may be empty (no team / no seat). Prefix of a wallet level.
+local function level_pfx(level, te, se)
+  if level == 'S' then return 'S:' .. se .. ':' end
+  if level == 'T' then return 'T:' .. te .. ':' end
+  return ''
+end
+
+-- The draw chain of a subject for one meter: seat wallet, team wallet, org wallet.
+-- ctx = {cfg, bal, pid, te, se, kind, meter, now, d}. Returns the list of wallets and the
+-- org debt after settlement (org wallet is always last). Where the org has an
+-- allocation template for the meter (cfg 'tmpl:<meter>'), a team member does not fall
+-- through to the org's monthly or top-up pool.
+local function chain_load(ctx)
+  local ws = {}
+  if ctx.se ~= '' then
+    ws[#ws + 1] = wallet_load(ctx.bal, level_pfx('S', ctx.te, ctx.se), ctx.pid, 0)
+    ws[#ws].level = 'S'
+  end
+  if ctx.te ~= '' then
+    ws[#ws + 1] = wallet_load(ctx.bal, level_pfx('T', ctx.te, ctx.se), ctx.pid, 0)
+    ws[#ws].level = 'T'
+  end
+  local ow = wallet_load(ctx.bal, '', ctx.pid, org_grant(ctx.cfg, ctx.meter))
+  ow.level = 'O'
+  ws[#ws + 1] = ow
+  ctx.d = settle_debt(ow, N(redis.call('HGET', ctx.bal, 'd')))
+  ctx.org = ow
+  ctx.no_org_pool = (ctx.te ~= '' and redis.call('HEXISTS', ctx.cfg, 'tmpl:' .. ctx.meter) == 1)
+  return ws
+end
+
+local function chain_available(ctx, ws)
+  local total = 0
+  for i = 1, #ws do
+    local w = ws[i]
+    if not (w.level == 'O' and ctx.no_org_pool) then
+      total = total + avail_m(w) + avail_t(w)
+    end
+  end
+  return total
+end
+
+local function chain_save(ctx, ws)
+  for i = 1, #ws do wallet_save(ws[i]) end
+  redis.call('HSET', ctx.bal, 'd', I(ctx.d))
+end
+
+-- Take up to `amount` from the chain in burn order, holding it (mh/th). Returns the list
+-- of takes {code, pid, amount} and the amount taken.
+local function chain_hold(ctx, ws, amount)
+  local takes, left = {}, amount
+  for i = 1, #ws do
+    local w = ws[i]
+    if left > 0 and not (w.level == 'O' and ctx.no_org_pool) then
+      local x = math.min(left, avail_m(w))
+      if x > 0 then
+        w.mh = w.mh + x; w.dirty = true; left = left - x
+        takes[#takes + 1] = {w.level .. 'm', w.p, x}
+      end
+      local y = math.min(left, avail_t(w))
+      if y > 0 then
+        w.th = w.th + y; w.dirty = true; left = left - y
+        takes[#takes + 1] = {w.level .. 't', w.p, y}
+      end
+    end
+  end
+  return takes, amount - left
+end
+
+-- Takes are stored in a hold as "code:pid:amount,code:pid:amount".
+local function takes_encode(takes)
+  local parts = {}
+  for i = 1, #takes do
+    parts[#parts + 1] = takes[i][1] .. ':' .. I(takes[i][2]) .. ':' .. I(takes[i][3])
+  end
+  return table.concat(parts, ',')
+end
+
+local function takes_decode(s)
+  local out = {}
+  if not s or s == '' then return out end
+  for code, pid, amt in string.gmatch(s, '(%a+):(%-?%d+):(%d+)') do
+    out[#out + 1] = {code, tonumber(pid), tonumber(amt)}
+  end
+  return out
+end
+
+local function takes_merge(a, b)
+  local out = {}
+  for i = 1, #a do out[#out + 1] = {a[i][1], a[i][2], a[i][3]} end
+  for i = 1, #b do
+    local merged = false
+    for j = 1, #out do
+      if out[j][1] == b[i][1] and out[j][2] == b[i][2] then
+        out[j][3] = out[j][3] + b[i][3]; merged = true
+      end
+    end
+    if not merged then out[#out + 1] = {b[i][1], b[i][2], b[i][3]} end
+  end
+  return out
+end
+
+local function wallet_of(ws, code)
+  local level = string.sub(code, 1, 1)
+  for i = 1, #ws do
+    if ws[i].level == level then return ws[i] end
+  end
+  return nil
+end
+
+-- Release (part of) a take: the held tokens go back to their bucket, unless the bucket
+-- has since rolled into a new period (then the old period's tokens are simply gone).
+local function release_take(ws, take, x)
+  local w = wallet_of(ws, take[1])
+  if not w or x <= 0 then return end
+  local kind = string.sub(take[1], 2, 2)
+  if kind == 'm' then
+    if w.p == take[2] then w.mh = math.max(0, w.mh - x); w.dirty = true end
+  else
+    w.th = math.max(0, w.th - x); w.dirty = true
+  end
+end
+
+-- Turn x held tokens of a take into usage.
+local function charge_take(ws, take, x)
+  local w = wallet_of(ws, take[1])
+  if not w or x <= 0 then return end
+  local kind = string.sub(take[1], 2, 2)
+  if kind == 'm' then
+    if w.p == take[2] then w.mh = math.max(0, w.mh - x); w.mu = w.mu + x; w.dirty = true end
+  else
+    w.th = math.max(0, w.th - x); w.tb = w.tb - x
+    if w.p == take[2] then w.tu = w.tu + x end
+    w.dirty = true
+  end
+end
+
+-- Charge `amount` straight from what is available (no hold), in burn order; the rest
+-- becomes org debt. Used for a Commit above what was held and for late commits.
+-- Returns the takes charged and the part that became debt.
+local function chain_charge_free(ctx, ws, amount)
+  local takes, left = {}, amount
+  for i = 1, #ws do
+    local w = ws[i]
+    if left > 0 and not (w.level == 'O' and ctx.no_org_pool) then
+      local x = math.min(left, avail_m(w))
+      if x > 0 then
+        w.mu = w.mu + x; w.dirty = true; left = left - x
+        takes[#takes + 1] = {w.level .. 'm', w.p, x}
+      end
+      local y = math.min(left, avail_t(w))
+      if y > 0 then
+        w.tb = w.tb - y; w.tu = w.tu + y; w.dirty = true; left = left - y
+        takes[#takes + 1] = {w.level .. 't', w.p, y}
+      end
+    end
+  end
+  if left > 0 then
+    ctx.d = ctx.d + left
+    takes[#takes + 1] = {'D', 0, left}
+  end
+  return takes, left
+end
+
+-- Give back charged tokens (a Refund after Commit), at most what each take charged.
+local function credit_take(ctx, ws, take, x)
+  if x <= 0 then return end
+  if take[1] == 'D' then ctx.d = math.max(0, ctx.d - x); return end
+  local w = wallet_of(ws, take[1])
+  if not w then return end
+  local kind = string.sub(take[1], 2, 2)
+  if kind == 'm' then
+    if w.p == take[2] then w.mu = math.max(0, w.mu - x); w.dirty = true end
+  else
+    w.tb = w.tb + x
+    if w.p == take[2] then w.tu = math.max(0, w.tu - x) end
+    w.dirty = true
+  end
+end
+
+-- The MeterBalance figures of a subject for one meter (see DESIGN §4). `room` is what
+-- the seat cap still allows (-1: no cap).
+local function chain_view(ctx, ws, meter, room, pstart, pend)
+  local mg, mu, tb, th, tu, mh = 0, 0, 0, 0, 0, 0
+  for i = 1, #ws do
+    local w = ws[i]
+    if not (w.level == 'O' and ctx.no_org_pool) then
+      mg = mg + w.mg; mu = mu + w.mu; mh = mh + w.mh
+      tb = tb + w.tb; th = th + w.th; tu = tu + w.tu
+    end
+  end
+  local remaining = chain_available(ctx, ws)
+  if room >= 0 and room < remaining then remaining = room end
+  return {meter, I(mu + tu + ctx.d), I(mg + tb + tu), I(remaining), I(mh + th), I(mg), I(mu),
+    I(tb), '0', '0', I(ctx.d), I(pstart), I(pend)}
+end
+
+-- Seat cap: limit for the seat and meter, or -1 when unlimited (the default).
+local function seat_limit(cfg, se, meter)
+  if se == '' then return -1 end
+  local v = redis.call('HGET', cfg, 'sl:' .. se .. ':' .. meter)
+  if v == false then return -1 end
+  return tonumber(v)
+end
+
+local function seat_room(ws, se, limit)
+  if se == '' or limit < 0 then return -1 end
+  local w = ws[1]
+  local r = limit - w.cu - w.ch
+  if r < 0 then return 0 end
+  return r
+end
+
+-- Append an entry to the shard's ledger stream (the syncer copies it to SQL).
+local function ledger_add(stream, maxlen, fields)
+  if maxlen > 0 then
+    redis.call('XADD', stream, 'MAXLEN', '~', I(maxlen), '*', unpack(fields))
+  else
+    redis.call('XADD', stream, '*', unpack(fields))
+  end
+end
+
+-- ---------------------------------------------------------------------------------
+-- Holds. A hold is a hash (keys.py: hold_key) with:
+--   st  H (held) | C (committed) | R (refunded) | E (expired)
+--   o, te, se, ae   escaped org, team, seat, assistant ids ('' when absent)
+--   cfg             the org's configuration key     pre  the shard's key prefix
+--   n               number of charges; for charge i (1-based):
+--   m<i> meter  k<i> kind (c counter | g gauge)  b<i> balance key  g<i> amount held
+--   t<i> takes "code:pid:amount,…" (codes Sm St Tm Tt Om Ot)  hp<i> period of the seat cap
+--   c<i> charged by Commit   x<i> takes charged ("D" = debt)   r<i> refunded
+--   exp  expiry (ms)   act  action   feat  feature   lbl  labels (JSON)
+-- ---------------------------------------------------------------------------------
+
+local HOLD_STATE = {H = 1, C = 2, R = 3, E = 4}  -- HoldState enum numbers in the proto
+
+local function hold_ctx(h, i, now)
+  local ctx = {cfg = h.cfg, bal = h['b' .. i], te = h.te, se = h.se, meter = h['m' .. i],
+    kind = h['k' .. i]}
+  if ctx.kind == 'g' then
+    ctx.pid, ctx.pstart, ctx.pend = 0, 0, 0
+  else
+    local anchor = N(redis.call('HGET', h.cfg, 'anchor'))
+    if anchor < 1 then anchor = 1 end
+    ctx.pid, ctx.pstart, ctx.pend = period_of(now, anchor)
+  end
+  return ctx
+end
+
+local function hold_read(key)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return nil end
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  h.n = tonumber(h.n)
+  return h
+end
+
+-- Seat cap bookkeeping of a hold: the held amount leaves `ch`, `charged` enters `cu`.
+local function seat_settle(ws, h, i, charged)
+  if h.se == '' then return end
+  local w = ws[1]
+  if w.level ~= 'S' then return end
+  if w.p == tonumber(h['hp' .. i]) then w.ch = math.max(0, w.ch - N(h['g' .. i])) end
+  if charged > 0 then w.cu = w.cu + charged end
+  w.dirty = true
+end
+
+-- Release every take of a HELD hold (Refund before Commit, or expiry).
+local function hold_release_all(h, key, now, state, ledger, maxlen, retain_ms, kind)
+  for i = 1, h.n do
+    local ctx = hold_ctx(h, i, now)
+    local ws = chain_load(ctx)
+    local takes = takes_decode(h['t' .. i])
+    for j = 1, #takes do release_take(ws, takes[j], takes[j][3]) end
+    seat_settle(ws, h, i, 0)
+    chain_save(ctx, ws)
+    ledger_add(ledger, maxlen, {'type', kind, 'rid', h.rid, 'org', h.o, 'team', h.te,
+      'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', h['g' .. i],
+      'takes', h['t' .. i], 'action', h.act or '', 'feature', h.feat or '',
+      'labels', h.lbl or '', 'at', I(now)})
+  end
+  redis.call('HSET', key, 'st', state, 'done', I(now))
+  redis.call('PEXPIRE', key, retain_ms)
+  redis.call('ZREM', h.pre .. 'exp', h.rid)
+end
+
+-- Expire up to `limit` holds of the shard whose TTL has passed. Returns how many.
+local function sweep_shard(pre, now, limit, ledger, maxlen, retain_ms)
+  local due = redis.call('ZRANGEBYSCORE', pre .. 'exp', '-inf', I(now), 'LIMIT', 0, limit)
+  for k = 1, #due do
+    local key = pre .. 'h:' .. due[k]
+    local h = hold_read(key)
+    if h and h.st == 'H' then
+      hold_release_all(h, key, now, 'E', ledger, maxlen, retain_ms, 'expire')
+    else
+      redis.call('ZREM', pre .. 'exp', due[k])
+    end
+  end
+  return #due
+end

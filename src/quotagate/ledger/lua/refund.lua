@@ -1,0 +1,95 @@
+-- refund.lua: Refund a hold — give it back, once.
+--
+-- KEYS[1]  the hold's hash
+-- ARGV[1]  now (ms)   ARGV[2] retention of resolved holds (ms)   ARGV[3] ledger MAXLEN
+-- ARGV[4]  reason   ARGV[5] n amounts, -1: everything   ARGV[6…] meter (escaped), amount pairs
+-- Returns {'OK', state, {meter, refunded, …}, {{MeterBalance…}, …}} or {'ERR', code, field, msg}.
+-- HELD: every take goes back to its bucket (amounts are ignored: a hold is all or nothing).
+-- COMMITTED: credits back at most what was charged, in reverse burn order (debt first),
+-- then the hold is REFUNDED. EXPIRED: nothing to give back. Repeats answer the first result.
+
+local key = KEYS[1]
+local now, retain, maxlen = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local reason, na = ARGV[4], tonumber(ARGV[5])
+
+local h = hold_read(key)
+if not h then return {'ERR', 'NOT_FOUND', 'reservation_id', 'no such reservation'} end
+local ledger = h.pre .. 'ledger'
+
+local amounts = nil
+if na >= 0 then
+  amounts = {}
+  for j = 1, na do
+    local m, a = ARGV[4 + 2 * j], tonumber(ARGV[5 + 2 * j])
+    local found = false
+    for i = 1, h.n do if h['m' .. i] == m then found = true end end
+    if not found then
+      return {'ERR', 'INVALID_ARGUMENT', 'amount', 'meter is not part of this reservation'}
+    end
+    amounts[m] = a
+  end
+end
+
+local function answer(state)
+  local out, bals = {}, {}
+  for i = 1, h.n do
+    local ctx = hold_ctx(h, i, now)
+    local ws = chain_load(ctx)
+    chain_save(ctx, ws)
+    out[#out + 1] = h['m' .. i]
+    out[#out + 1] = N(h['r' .. i])
+    local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h['m' .. i]))
+    bals[i] = chain_view(ctx, ws, h['m' .. i], room, ctx.pstart, ctx.pend)
+  end
+  return {'OK', HOLD_STATE[state], out, bals}
+end
+
+if h.st == 'H' and now >= tonumber(h.exp) then
+  hold_release_all(h, key, now, 'E', ledger, maxlen, retain, 'expire')
+  h.st = 'E'
+end
+if h.st == 'R' or h.st == 'E' then return answer(h.st) end
+
+if h.st == 'H' then
+  hold_release_all(h, key, now, 'R', ledger, maxlen, retain, 'refund')
+  local f = {'reason', reason}
+  for i = 1, h.n do
+    h['r' .. i] = h['g' .. i]
+    f[#f + 1] = 'r' .. i; f[#f + 1] = h['g' .. i]
+  end
+  redis.call('HSET', key, unpack(f))
+  return answer('R')
+end
+
+-- COMMITTED: credit back in reverse burn order.
+local fields = {'st', 'R', 'reason', reason, 'done', I(now)}
+for i = 1, h.n do
+  local c = N(h['c' .. i])
+  local x = c
+  if amounts then x = math.min(c, amounts[h['m' .. i]] or 0) end
+  if x > 0 then
+    local ctx = hold_ctx(h, i, now)
+    local ws = chain_load(ctx)
+    local takes = takes_decode(h['x' .. i])
+    local left = x
+    for j = #takes, 1, -1 do
+      local y = math.min(left, takes[j][3])
+      credit_take(ctx, ws, takes[j], y)
+      left = left - y
+    end
+    if h.se ~= '' and ws[1].level == 'S' and ws[1].p == tonumber(h['hp' .. i]) then
+      ws[1].cu = math.max(0, ws[1].cu - x); ws[1].dirty = true
+    end
+    ctx.d = settle_debt(ctx.org, ctx.d)
+    chain_save(ctx, ws)
+    ledger_add(ledger, maxlen, {'type', 'refund', 'rid', h.rid, 'org', h.o, 'team', h.te,
+      'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', I(x),
+      'action', h.act or '', 'feature', h.feat or '', 'labels', h.lbl or '',
+      'reason', reason, 'at', I(now)})
+  end
+  h['r' .. i] = I(x)
+  fields[#fields + 1] = 'r' .. i; fields[#fields + 1] = I(x)
+end
+redis.call('HSET', key, unpack(fields))
+redis.call('PEXPIRE', key, retain)
+return answer('R')

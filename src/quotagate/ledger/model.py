@@ -1,0 +1,136 @@
+"""Frozen value types of the domain; the transport converts them to and from protobuf."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class Decision(enum.Enum):
+    GRANTED = "G"
+    DENIED = "D"
+
+
+class DenyReason(enum.Enum):
+    NONE = ""
+    INSUFFICIENT_BALANCE = "insufficient"
+    SEAT_LIMIT_REACHED = "seat"
+    OVERAGE_CAP_REACHED = "overage"
+    FEATURE_DISABLED = "feature"
+    AI_DISABLED = "ai"
+    ASSISTANT_INACTIVE = "inactive"
+    UNKNOWN_SUBJECT = "unknown"
+
+
+class HoldState(enum.IntEnum):
+    HELD = 1
+    COMMITTED = 2
+    REFUNDED = 3
+    EXPIRED = 4
+
+
+class MeterKind(enum.Enum):
+    COUNTER = "c"  # resets every period (message tokens, call seconds, …)
+    GAUGE = "g"  # never resets, may go down (storage bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    org_id: str
+    team_id: str = ""
+    seat_id: str = ""
+    assistant_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    meter: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class MeterBalance:
+    """The `[used/total used]` meter of a subject plus its parts (DESIGN §4)."""
+
+    meter: str
+    used: int
+    total: int
+    remaining: int
+    reserved: int
+    monthly_granted: int
+    monthly_used: int
+    topup_remaining: int
+    overage_used: int
+    overage_cap: int
+    debt: int
+    period_start_ms: int
+    period_end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    decision: Decision
+    reason: DenyReason
+    silent: bool
+    reservation_id: str
+    granted: tuple[Charge, ...]
+    expires_at_ms: int
+    balances: tuple[MeterBalance, ...]
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    active: bool
+    reason: DenyReason
+    silent: bool
+    balances: tuple[MeterBalance, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HoldResult:
+    """Answer of Commit (`amounts` = charged) and Refund (`amounts` = refunded)."""
+
+    state: HoldState
+    amounts: tuple[Charge, ...]
+    balances: tuple[MeterBalance, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendResult:
+    decision: Decision
+    reason: DenyReason
+    silent: bool
+    granted: tuple[Charge, ...]
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TopUpResult:
+    applied: bool
+    balance: MeterBalance
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    meter: str
+    monthly: int = 0
+    per_seat: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SeatLimit:
+    meter: str
+    monthly_limit: int = 0
+    unlimited: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """Meters, plans and priced actions (DESIGN §1): data, loaded from a TOML file."""
+
+    meters: Mapping[str, MeterKind]
+    plans: Mapping[str, tuple[Allowance, ...]] = field(default_factory=dict)
+    actions: Mapping[str, tuple[Charge, ...]] = field(default_factory=dict)
+    default_meter: str = "message_tokens"

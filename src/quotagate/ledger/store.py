@@ -1,0 +1,419 @@
+"""The ledger on Redis: validates input, calls one script per operation, and turns the
+scripts' replies into model objects. The runtime operations are exactly one round trip."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis import exceptions as redis_errors
+
+from quotagate.clock import Clock
+from quotagate.errors import BY_CODE, InvalidArgument, NotFound, QuotagateError, Unavailable
+from quotagate.ledger import validate
+from quotagate.ledger.keys import Keys, escape, unescape
+from quotagate.ledger.model import (
+    Allowance,
+    Catalog,
+    Charge,
+    CheckResult,
+    Decision,
+    DenyReason,
+    ExtendResult,
+    HoldResult,
+    HoldState,
+    MeterBalance,
+    MeterKind,
+    ReserveResult,
+    SeatLimit,
+    Subject,
+    TopUpResult,
+)
+from quotagate.ledger.scripts import Scripts
+
+T = TypeVar("T")
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class LedgerOptions:
+    default_ttl_s: int = 300
+    max_ttl_s: int = 86_400
+    #: how long resolved holds and idempotency records are kept (repeats answer the same)
+    retain_ms: int = DAY_MS
+    #: approximate cap of each shard's ledger stream (0: none; the syncer trims it)
+    ledger_maxlen: int = 1_000_000
+    sweep_batch: int = 100
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _i(v: Any) -> int:
+    return int(v.decode() if isinstance(v, bytes) else v)
+
+
+def _balance(row: Sequence[Any]) -> MeterBalance:
+    return MeterBalance(unescape(_s(row[0])), *(_i(x) for x in row[1:13]))
+
+
+def _charges(flat: Sequence[Any]) -> tuple[Charge, ...]:
+    return tuple(Charge(unescape(_s(flat[i])), _i(flat[i + 1])) for i in range(0, len(flat), 2))
+
+
+def _raise_if_error(reply: Sequence[Any]) -> None:
+    if _s(reply[0]) == "ERR":
+        cls = BY_CODE.get(_s(reply[1]), QuotagateError)
+        raise cls(_s(reply[3]), _s(reply[2]))
+
+
+class Ledger:
+    """Wallets and holds of every org, kept in Redis by the Lua scripts."""
+
+    def __init__(self, redis: Any, catalog: Catalog, clock: Clock, keys: Keys | None = None,
+                 options: LedgerOptions | None = None) -> None:
+        self.redis = redis
+        self.catalog = catalog
+        self.clock = clock
+        self.keys = keys or Keys()
+        self.opt = options or LedgerOptions()
+        self.scripts = Scripts(redis)
+        self._kind = {m: k.value for m, k in catalog.meters.items()}
+        self._emeter = {m: escape(m) for m in catalog.meters}
+
+    async def _call(self, aw: Awaitable[T]) -> T:
+        try:
+            return await aw
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
+            raise Unavailable(f"redis unreachable: {e}") from e
+        except redis_errors.ClusterDownError as e:
+            raise Unavailable(f"redis cluster down: {e}") from e
+
+    # -- runtime operations ------------------------------------------------------------
+    def _resolve(self, charges: Iterable[Charge], action: str, field: str,
+                 allow_zero: bool = False) -> tuple[Charge, ...]:
+        items = tuple(charges)
+        if action:
+            validate.ident(action, "action")
+            if items:
+                raise InvalidArgument("give either charges or action, not both", "action")
+            priced = self.catalog.actions.get(action)
+            if priced is None:
+                raise InvalidArgument(f"unknown action {action!r}", "action")
+            return priced
+        return validate.charges(self.catalog, items, field, allow_zero)
+
+    def _ttl_ms(self, ttl_seconds: int, field: str = "ttl_seconds") -> int:
+        if ttl_seconds < 0 or ttl_seconds > self.opt.max_ttl_s:
+            raise InvalidArgument(f"must be from 0 to {self.opt.max_ttl_s} (0: default)", field)
+        return (ttl_seconds or self.opt.default_ttl_s) * 1000
+
+    async def reserve(self, subject: Subject, charges: Iterable[Charge] = (), *,
+                      idempotency_key: str, action: str = "", feature: str = "",
+                      ttl_seconds: int = 0, allow_partial: bool = False,
+                      labels: Mapping[str, str] | None = None) -> ReserveResult:
+        validate.subject(subject)
+        items = self._resolve(charges, action, "charges")
+        validate.ident(idempotency_key, "idempotency_key")
+        validate.ident(feature, "feature", required=False)
+        if allow_partial and len(items) != 1:
+            raise InvalidArgument("allow_partial needs exactly one charge", "allow_partial")
+        ttl = self._ttl_ms(ttl_seconds)
+        lbl = json.dumps(dict(sorted((labels or {}).items())), separators=(",", ":"))
+        if len(lbl) > 4096:
+            raise InvalidArgument("labels must be at most 4096 bytes as JSON", "labels")
+        fingerprint = hashlib.sha256(json.dumps(
+            [subject.org_id, subject.team_id, subject.seat_id, subject.assistant_id,
+             [(c.meter, c.amount) for c in items], action, feature, ttl, allow_partial, lbl],
+            separators=(",", ":")).encode()).hexdigest()[:32]
+        reply = await self._run_reserve("R", subject, items, feature, action, lbl,
+                                        ttl, allow_partial, idempotency_key, fingerprint)
+        _raise_if_error(reply)
+        return ReserveResult(
+            decision=Decision(_s(reply[1])), reason=DenyReason(_s(reply[2])),
+            silent=bool(_i(reply[3])), reservation_id=_s(reply[4]),
+            granted=_charges(reply[6]), expires_at_ms=_i(reply[5]),
+            balances=tuple(_balance(b) for b in reply[7]), replayed=bool(_i(reply[8])))
+
+    async def check(self, subject: Subject, meter: str = "", feature: str = "") -> CheckResult:
+        validate.subject(subject)
+        meter = meter or self.catalog.default_meter
+        validate.meter(self.catalog, meter, "meter")
+        validate.ident(feature, "feature", required=False)
+        reply = await self._run_reserve("C", subject, (Charge(meter, 1),), feature, "", "{}",
+                                        1000, False, "", "")
+        return CheckResult(active=_s(reply[1]) == "G", reason=DenyReason(_s(reply[2])),
+                           silent=bool(_i(reply[3])),
+                           balances=tuple(_balance(b) for b in reply[7]))
+
+    async def _run_reserve(self, mode: str, s: Subject, items: Sequence[Charge], feature: str,
+                           action: str, labels: str, ttl_ms: int, allow_partial: bool,
+                           idem_key: str, fingerprint: str) -> Any:
+        k = self.keys
+        shard = k.shard_of(s.org_id)
+        rid = k.reservation_id(s.org_id, secrets.token_hex(16)) if mode == "R" else ""
+        keys = [k.cfg(s.org_id), k.idem(s.org_id, idem_key) if mode == "R" else k.cfg(s.org_id),
+                k.hold(rid) if rid else k.cfg(s.org_id), k.expiries(shard), k.ledger(shard)]
+        argv: list[Any] = [
+            self.clock.now_ms(), mode, rid, ttl_ms, "1" if allow_partial else "0", fingerprint,
+            self.opt.retain_ms, self.opt.ledger_maxlen, k.prefix(shard),
+            escape(s.team_id), escape(s.seat_id), escape(s.assistant_id), escape(feature),
+            escape(action), labels, len(items)]
+        for c in items:
+            keys.append(k.bal(s.org_id, c.meter))
+            argv += [self._emeter[c.meter], self._kind[c.meter], c.amount]
+        return await self._call(self.scripts.reserve(keys=keys, args=argv))
+
+    def _hold_key(self, reservation_id: str) -> str:
+        if not reservation_id:
+            raise InvalidArgument("is required", "reservation_id")
+        try:
+            return self.keys.hold(reservation_id)
+        except ValueError:
+            raise InvalidArgument("is not a reservation id issued by quotagate",
+                                  "reservation_id") from None
+
+    def _amounts(self, items: Sequence[Charge] | None) -> list[Any]:
+        if items is None:
+            return [-1]
+        out: list[Any] = [len(items)]
+        for c in items:
+            out += [self._emeter[c.meter], c.amount]
+        return out
+
+    async def commit(self, reservation_id: str, actual: Iterable[Charge] = (),
+                     labels: Mapping[str, str] | None = None) -> HoldResult:
+        """Charge what was used. Empty `actual`: charge exactly what was held; otherwise
+        each meter of the hold is charged its `actual` amount (absent meters: 0)."""
+        key = self._hold_key(reservation_id)
+        items = validate.charges(self.catalog, actual, "actual", allow_zero=True,
+                                 required=False)
+        lbl = json.dumps(dict(sorted(labels.items())), separators=(",", ":")) if labels else ""
+        reply = await self._call(self.scripts.commit(keys=[key], args=[
+            self.clock.now_ms(), self.opt.retain_ms, self.opt.ledger_maxlen, lbl,
+            *self._amounts(items or None)]))
+        _raise_if_error(reply)
+        return HoldResult(HoldState(_i(reply[1])), _charges(reply[2]),
+                          tuple(_balance(b) for b in reply[3]))
+
+    async def refund(self, reservation_id: str, amount: Iterable[Charge] = (),
+                     reason: str = "") -> HoldResult:
+        """Give a hold back. Empty `amount`: everything (what is held, or what was
+        charged); otherwise at most the given amounts of a committed hold."""
+        key = self._hold_key(reservation_id)
+        items = validate.charges(self.catalog, amount, "amount", required=False)
+        if len(reason) > 1024:
+            raise InvalidArgument("must be at most 1024 characters", "reason")
+        reply = await self._call(self.scripts.refund(keys=[key], args=[
+            self.clock.now_ms(), self.opt.retain_ms, self.opt.ledger_maxlen, reason,
+            *self._amounts(items or None)]))
+        _raise_if_error(reply)
+        return HoldResult(HoldState(_i(reply[1])), _charges(reply[2]),
+                          tuple(_balance(b) for b in reply[3]))
+
+    async def extend(self, reservation_id: str, additional: Iterable[Charge] = (),
+                     ttl_seconds: int = 0) -> ExtendResult:
+        key = self._hold_key(reservation_id)
+        items = validate.charges(self.catalog, additional, "additional", required=False)
+        ttl = self._ttl_ms(ttl_seconds)
+        reply = await self._call(self.scripts.extend(keys=[key], args=[
+            self.clock.now_ms(), ttl, self.opt.ledger_maxlen, *self._amounts(items)[0:]]))
+        _raise_if_error(reply)
+        if _s(reply[1]) == "G":
+            return ExtendResult(Decision.GRANTED, DenyReason.NONE, False, _charges(reply[4]),
+                                _i(reply[5]))
+        return ExtendResult(Decision.DENIED, DenyReason(_s(reply[2])), bool(_i(reply[3])),
+                            (), _i(reply[5]))
+
+    async def get_balance(self, subject: Subject, meters: Iterable[str] = ()) -> \
+            tuple[MeterBalance, ...]:
+        validate.subject(subject)
+        names = list(meters) or list(self.catalog.meters)
+        for i, m in enumerate(names):
+            validate.meter(self.catalog, m, f"meters[{i}]")
+        k = self.keys
+        argv: list[Any] = [self.clock.now_ms(), escape(subject.team_id),
+                           escape(subject.seat_id), escape(subject.assistant_id), len(names)]
+        keys = [k.cfg(subject.org_id)]
+        for m in names:
+            keys.append(k.bal(subject.org_id, m))
+            argv += [self._emeter[m], self._kind[m]]
+        reply = await self._call(self.scripts.balance(keys=keys, args=argv))
+        _raise_if_error(reply)
+        return tuple(_balance(b) for b in reply[1])
+
+    async def sweep(self, shard: int, limit: int | None = None) -> int:
+        """Expire the shard's holds past their TTL; returns how many were looked at."""
+        k = self.keys
+        return int(await self._call(self.scripts.sweep(keys=[k.expiries(shard)], args=[
+            self.clock.now_ms(), limit or self.opt.sweep_batch, self.opt.retain_ms,
+            self.opt.ledger_maxlen, k.prefix(shard)])))
+
+    async def sweep_all(self) -> int:
+        """One pass of the sweeper over every shard, pipelined (one round trip per node)."""
+        k, now = self.keys, self.clock.now_ms()
+        async def run() -> int:
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in range(k.shards):
+                await self.scripts.sweep(keys=[k.expiries(shard)], args=[
+                    now, self.opt.sweep_batch, self.opt.retain_ms, self.opt.ledger_maxlen,
+                    k.prefix(shard)], client=pipe)
+            return sum(int(x) for x in await pipe.execute())
+        return await self._call(run())
+
+    # -- configuration -----------------------------------------------------------------
+    async def upsert_plan(self, name: str, allowances: Iterable[Allowance]) -> bool:
+        """Create or replace a plan, then re-apply it to every org on it (at once, for the
+        current period). Returns True when the plan is new."""
+        validate.ident(name, "name")
+        items = tuple(allowances)
+        seen: set[str] = set()
+        for i, a in enumerate(items):
+            validate.meter(self.catalog, a.meter, f"allowances[{i}].meter")
+            validate.amount(a.monthly, f"allowances[{i}].monthly", allow_zero=True)
+            validate.amount(a.per_seat, f"allowances[{i}].per_seat", allow_zero=True)
+            if a.meter in seen:
+                raise InvalidArgument(f"meter {a.meter!r} appears twice",
+                                      f"allowances[{i}].meter")
+            seen.add(a.meter)
+        key = self.keys.plan(name)
+
+        async def write() -> bool:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.exists(key)
+            pipe.delete(key)
+            pipe.hset(key, mapping={"_": "1", **{a.meter: f"{a.monthly}:{a.per_seat}"
+                                                 for a in items}})
+            created = not (await pipe.execute())[0]
+            return created
+        created = await self._call(write())
+        orgs = await self._call(self.redis.smembers(self.keys.plan_orgs(name)))
+        for org in orgs:
+            org_id = _s(org)
+            cfg = await self._call(self.redis.hmget(self.keys.cfg(org_id),
+                                                    "plan", "seats", "anchor", "ai"))
+            if cfg[0] is None or _s(cfg[0]) != name:
+                continue
+            await self._configure_org(org_id, name, _i(cfg[1]), _i(cfg[2]), _s(cfg[3]) == "1",
+                                      items)
+        return created
+
+    async def plan(self, name: str) -> tuple[Allowance, ...] | None:
+        raw = await self._call(self.redis.hgetall(self.keys.plan(name)))
+        if not raw:
+            return None
+        out = []
+        for m, v in raw.items():
+            meter = _s(m)
+            if meter == "_" or meter not in self.catalog.meters:
+                continue
+            monthly, per_seat = _s(v).split(":")
+            out.append(Allowance(meter, int(monthly), int(per_seat)))
+        return tuple(out)
+
+    async def upsert_org(self, org_id: str, plan: str, seats: int = 0,
+                         period_anchor_day: int = 0, ai_enabled: bool = True) -> bool:
+        validate.ident(org_id, "org_id")
+        validate.ident(plan, "plan")
+        validate.amount(seats, "seats", allow_zero=True)
+        if not 0 <= period_anchor_day <= 28:
+            raise InvalidArgument("must be from 1 to 28 (0: the default, 1)",
+                                  "period_anchor_day")
+        allowances = await self.plan(plan)
+        if allowances is None:
+            raise InvalidArgument(f"unknown plan {plan!r}", "plan")
+        created = await self._configure_org(org_id, plan, seats, period_anchor_day or 1,
+                                            ai_enabled, allowances)
+        await self._call(self.redis.sadd(self.keys.plan_orgs(plan), org_id))
+        return created
+
+    async def _configure_org(self, org_id: str, plan: str, seats: int, anchor: int, ai: bool,
+                             allowances: Sequence[Allowance]) -> bool:
+        by_meter = {a.meter: a for a in allowances}
+        k = self.keys
+        keys = [k.cfg(org_id), k.ledger(k.shard_of(org_id))]
+        argv: list[Any] = ["org", self.clock.now_ms(), self.opt.ledger_maxlen, escape(org_id),
+                           escape(plan), seats, anchor, "1" if ai else "0", len(self.catalog.meters)]
+        for m in self.catalog.meters:
+            a = by_meter.get(m, Allowance(m))
+            keys.append(k.bal(org_id, m))
+            argv += [self._emeter[m], self._kind[m], a.monthly, a.per_seat]
+        reply = await self._call(self.scripts.configure(keys=keys, args=argv))
+        _raise_if_error(reply)
+        return bool(_i(reply[1]))
+
+    async def _configure(self, org_id: str, op: str, *args: Any) -> bool:
+        k = self.keys
+        reply = await self._call(self.scripts.configure(
+            keys=[k.cfg(org_id), k.ledger(k.shard_of(org_id))],
+            args=[op, self.clock.now_ms(), self.opt.ledger_maxlen, escape(org_id), *args]))
+        _raise_if_error(reply)
+        return bool(_i(reply[1]))
+
+    async def upsert_team(self, org_id: str, team_id: str, seats: int = 0) -> bool:
+        validate.ident(org_id, "org_id")
+        validate.ident(team_id, "team_id")
+        validate.amount(seats, "seats", allow_zero=True)
+        return await self._configure(org_id, "team", escape(team_id), seats)
+
+    async def upsert_seat(self, org_id: str, seat_id: str, team_id: str = "",
+                          limits: Iterable[SeatLimit] = ()) -> bool:
+        validate.ident(org_id, "org_id")
+        validate.ident(seat_id, "seat_id")
+        validate.ident(team_id, "team_id", required=False)
+        items = tuple(limits)
+        args: list[Any] = [escape(seat_id), escape(team_id), len(items)]
+        for i, lim in enumerate(items):
+            validate.meter(self.catalog, lim.meter, f"limits[{i}].meter")
+            validate.amount(lim.monthly_limit, f"limits[{i}].monthly_limit", allow_zero=True)
+            args += [self._emeter[lim.meter], lim.monthly_limit, "1" if lim.unlimited else "0"]
+        return await self._configure(org_id, "seat", *args)
+
+    async def upsert_assistant(self, org_id: str, assistant_id: str, team_id: str = "",
+                               enabled: bool = True) -> bool:
+        validate.ident(org_id, "org_id")
+        validate.ident(assistant_id, "assistant_id")
+        validate.ident(team_id, "team_id", required=False)
+        return await self._configure(org_id, "assistant", escape(assistant_id),
+                                     escape(team_id), "1" if enabled else "0")
+
+    async def set_feature(self, org_id: str, feature: str, enabled: bool,
+                          team_id: str = "") -> bool:
+        validate.ident(org_id, "org_id")
+        validate.ident(feature, "feature")
+        validate.ident(team_id, "team_id", required=False)
+        return await self._configure(org_id, "feature", escape(team_id), escape(feature),
+                                     "1" if enabled else "0")
+
+    async def topup(self, org_id: str, meter: str, amount: int, purchase_id: str,
+                    team_id: str = "", seat_id: str = "") -> TopUpResult:
+        validate.ident(org_id, "org_id")
+        kind = validate.meter(self.catalog, meter, "meter")
+        validate.amount(amount, "amount")
+        validate.ident(purchase_id, "purchase_id")
+        validate.ident(team_id, "team_id", required=False)
+        validate.ident(seat_id, "seat_id", required=False)
+        k = self.keys
+        shard = k.shard_of(org_id)
+        reply = await self._call(self.scripts.topup(
+            keys=[k.cfg(org_id), k.bal(org_id, meter), k.purchases(org_id), k.ledger(shard)],
+            args=[self.clock.now_ms(), escape(purchase_id), amount, escape(team_id),
+                  escape(seat_id), self._emeter[meter], kind.value, self.opt.ledger_maxlen,
+                  escape(org_id)]))
+        _raise_if_error(reply)
+        return TopUpResult(bool(_i(reply[1])), _balance(reply[2]))
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (redis_errors.RedisError, OSError):
+            return False
+
+
+__all__ = ["Ledger", "LedgerOptions", "MeterKind", "NotFound"]

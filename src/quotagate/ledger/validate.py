@@ -1,0 +1,65 @@
+"""Input checks shared by every entry point. Each failure names the field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from quotagate.errors import InvalidArgument
+from quotagate.ledger.model import Catalog, Charge, MeterKind, Subject
+
+MAX_AMOUNT = 2**50
+MAX_ID_BYTES = 128
+
+
+def ident(value: str, field: str, required: bool = True) -> str:
+    """Ids are opaque UTF-8 strings of 1–128 bytes without control characters."""
+    if value == "":
+        if required:
+            raise InvalidArgument("is required", field)
+        return value
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        raise InvalidArgument(f"must be at most {MAX_ID_BYTES} bytes", field)
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in value):
+        raise InvalidArgument("must not contain control characters", field)
+    return value
+
+
+def amount(value: int, field: str, allow_zero: bool = False) -> int:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InvalidArgument("must be greater than 0" if not allow_zero
+                              else "must not be negative", field)
+    if value > MAX_AMOUNT:
+        raise InvalidArgument("must be at most 2^50", field)
+    return value
+
+
+def subject(s: Subject, field: str = "subject") -> Subject:
+    ident(s.org_id, f"{field}.org_id")
+    ident(s.team_id, f"{field}.team_id", required=False)
+    ident(s.seat_id, f"{field}.seat_id", required=False)
+    ident(s.assistant_id, f"{field}.assistant_id", required=False)
+    return s
+
+
+def meter(catalog: Catalog, name: str, field: str) -> MeterKind:
+    if not name:
+        raise InvalidArgument("is required", field)
+    kind = catalog.meters.get(name)
+    if kind is None:
+        raise InvalidArgument(f"unknown meter {name!r}", field)
+    return kind
+
+
+def charges(catalog: Catalog, items: Iterable[Charge], field: str,
+            allow_zero: bool = False, required: bool = True) -> tuple[Charge, ...]:
+    out = tuple(items)
+    if required and not out:
+        raise InvalidArgument("at least one charge is required", field)
+    seen: set[str] = set()
+    for i, c in enumerate(out):
+        meter(catalog, c.meter, f"{field}[{i}].meter")
+        amount(c.amount, f"{field}[{i}].amount", allow_zero)
+        if c.meter in seen:
+            raise InvalidArgument(f"meter {c.meter!r} appears twice", f"{field}[{i}].meter")
+        seen.add(c.meter)
+    return out

@@ -1,0 +1,50 @@
+"""proto <-> domain conversions shared by the servicers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from quotagate.ledger import model
+from quotagate.v1 import common_pb2
+
+DECISION = {
+    model.Decision.GRANTED: common_pb2.DECISION_GRANTED,
+    model.Decision.DENIED: common_pb2.DECISION_DENIED,
+}
+REASON = {r: getattr(common_pb2, "DENY_REASON_" + (r.name if r.value else "UNSPECIFIED"))
+          for r in model.DenyReason}
+HOLD_STATE = {s: getattr(common_pb2, "HOLD_STATE_" + s.name) for s in model.HoldState}
+
+
+def ts(ms: int) -> Timestamp:
+    t = Timestamp()
+    if ms:
+        t.FromMilliseconds(ms)
+    return t
+
+
+def subject(s: common_pb2.Subject) -> model.Subject:
+    return model.Subject(s.org_id, s.team_id, s.seat_id, s.assistant_id)
+
+
+def charges(items: Iterable[common_pb2.Charge]) -> list[model.Charge]:
+    return [model.Charge(c.meter, c.amount) for c in items]
+
+
+def charges_pb(items: Iterable[model.Charge]) -> list[common_pb2.Charge]:
+    return [common_pb2.Charge(meter=c.meter, amount=c.amount) for c in items]
+
+
+def balance_pb(b: model.MeterBalance) -> common_pb2.MeterBalance:
+    return common_pb2.MeterBalance(
+        meter=b.meter, used=b.used, total=b.total, remaining=b.remaining, reserved=b.reserved,
+        monthly_granted=b.monthly_granted, monthly_used=b.monthly_used,
+        topup_remaining=b.topup_remaining, overage_used=b.overage_used,
+        overage_cap=b.overage_cap, debt=b.debt, period_start=ts(b.period_start_ms),
+        period_end=ts(b.period_end_ms))
+
+
+def balances_pb(items: Iterable[model.MeterBalance]) -> list[common_pb2.MeterBalance]:
+    return [balance_pb(b) for b in items]

@@ -1,0 +1,54 @@
+"""Exceptions -> gRPC status codes and details, in one table."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from quotagate import errors
+
+log = logging.getLogger(__name__)
+
+CODES: dict[type[errors.QuotagateError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def to_status(exc: errors.QuotagateError) -> grpc.Status:
+    code = CODES.get(type(exc), grpc.StatusCode.INTERNAL)
+    detail = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(exc))
+    if exc.field and code is grpc.StatusCode.INVALID_ARGUMENT:
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=exc.field,
+                                                        description=exc.message)])
+        detail.details.add().Pack(bad)
+    return rpc_status.to_status(detail)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def translated(fn: F) -> F:
+    """Run a unary handler; a QuotagateError becomes its gRPC status (with BadRequest)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except errors.QuotagateError as e:
+            await context.abort_with_status(to_status(e))
+
+    return wrapper  # type: ignore[return-value]

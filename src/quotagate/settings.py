@@ -1,0 +1,76 @@
+"""Settings: one field per QUOTAGATE_* environment variable, each with a default and a doc.
+A bad value raises ConfigError naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from quotagate.errors import ConfigError
+
+PREFIX = "QUOTAGATE_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
+
+    listen: str = Field("127.0.0.1:50051", description="gRPC address: all services, health, reflection")
+    redis_url: str = Field("", description="redis:// or rediss:// URL; empty: the embedded Redis")
+    database_url: str = Field("", description="postgresql://… or sqlite:///path; empty: SQLite in the data dir")
+    data_dir: Path = Field(Path(".quotagate"), description="embedded Redis files and the SQLite file")
+    catalog: str = Field("", description="TOML catalog of meters, plans, actions; empty: built-in")
+    metrics_listen: str = Field("127.0.0.1:9464", description="Prometheus scrape endpoint")
+    shards: int = Field(256, ge=1, le=16384, description="virtual shards; fixed for a deployment")
+    default_ttl_seconds: int = Field(300, ge=1, le=86400, description="hold TTL when a request gives none")
+    max_ttl_seconds: int = Field(86400, ge=1, le=86400, description="longest TTL a request may ask for")
+    redis_timeout_ms: int = Field(500, ge=10, le=60000, description="per-command Redis timeout; past it: UNAVAILABLE")
+    sweep_interval_ms: int = Field(1000, ge=10, le=600000, description="how often expired holds are swept")
+    grace_seconds: float = Field(5.0, ge=0, le=300, description="drain time on SIGTERM before in-flight RPCs are cut")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @field_validator("listen", "metrics_listen")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be host:port")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if v and not v.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        if v and not v.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("must start with postgresql:// or sqlite:///")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return v.upper()
+
+    @property
+    def loopback(self) -> bool:
+        host = self.listen.rpartition(":")[0].strip("[]")
+        return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with `overrides` (e.g. CLI flags) on top."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = PREFIX + str(err["loc"][0]).upper() if err["loc"] else PREFIX
+        raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", name) from None

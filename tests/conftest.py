@@ -1,0 +1,83 @@
+"""Fixtures: real Redis servers started by the tests, the real gRPC server on port 0."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from quotagate import catalog
+from quotagate.app import App
+from quotagate.clock import ManualClock
+from quotagate.ledger.keys import Keys
+from quotagate.ledger.model import Allowance
+from quotagate.ledger.store import Ledger
+from quotagate.settings import Settings
+from redis_server import RedisServer
+
+#: 2026-11-10 00:00 UTC — tests move the clock from here.
+T0 = int(dt.datetime(2026, 11, 10, tzinfo=dt.UTC).timestamp() * 1000)
+DAY = 86_400_000
+
+
+def ms(y: int, m: int, d: int, hh: int = 0) -> int:
+    return int(dt.datetime(y, m, d, hh, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    srv = RedisServer().start()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Any]:
+    r = aioredis.Redis.from_url(redis_server.url)
+    await r.flushall()
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def cat() -> catalog.CatalogFile:
+    return catalog.load(None)
+
+
+@pytest.fixture
+async def ledger(redis: Any, clock: ManualClock, cat: catalog.CatalogFile) -> Ledger:
+    led = Ledger(redis, cat.catalog, clock, Keys(64))
+    await led.upsert_plan("pro", [Allowance("message_tokens", 2_000_000)])
+    return led
+
+
+class Grpc:
+    """A real server (App) on a free port, and stubs to call it."""
+
+    def __init__(self, app: App, channel: grpc.aio.Channel) -> None:
+        from quotagate.v1 import admin_pb2_grpc, quota_pb2_grpc
+
+        self.app = app
+        self.channel = channel
+        self.quota = quota_pb2_grpc.QuotaServiceStub(channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(channel)
+
+
+@pytest.fixture
+async def server(redis_server: RedisServer, redis: Any, clock: ManualClock) -> AsyncIterator[Grpc]:
+    settings = Settings(listen="127.0.0.1:0", redis_url=redis_server.url, shards=64,
+                        sweep_interval_ms=600_000, grace_seconds=0)
+    app = await App(settings, clock=clock).start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    yield Grpc(app, channel)
+    await channel.close()
+    await app.stop()

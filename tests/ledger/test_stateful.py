@@ -1,0 +1,484 @@
+"""A hypothesis state machine drives Reserve / Commit / Refund / Extend / expiry / TopUp /
+period changes against the real Lua scripts on a real Redis, and against a pure-Python
+model of the wallets. After every step: every balance equals the model's, no limit is
+exceeded, no bucket is negative, and every hold is resolved at most once."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+from dataclasses import dataclass, field
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from quotagate import catalog
+from quotagate.clock import ManualClock
+from quotagate.ledger.keys import Keys
+from quotagate.ledger.model import (
+    Allowance,
+    Charge,
+    Decision,
+    HoldState,
+    SeatLimit,
+    Subject,
+)
+from quotagate.ledger.store import Ledger, LedgerOptions
+from redis_server import RedisServer
+
+M = "message_tokens"
+MONTHLY = 1_000
+SEAT_CAP = 700
+TTL_S = 60
+T0 = int(dt.datetime(2026, 11, 20, tzinfo=dt.UTC).timestamp() * 1000)
+
+ORG = Subject("org")
+SEAT = Subject("org", seat_id="s1")  # seat s1 in team t1: chain seat -> team -> org
+SUBJECTS = {"org": ORG, "seat": SEAT}
+
+
+def period_id(now_ms: int) -> int:
+    d = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
+    return d.year * 12 + d.month - 1
+
+
+@dataclass
+class Wallet:
+    p: int = -1
+    mg: int = 0
+    mu: int = 0
+    mh: int = 0
+    tb: int = 0
+    th: int = 0
+    tu: int = 0
+    cu: int = 0
+    ch: int = 0
+
+    def avail_m(self) -> int:
+        return max(0, self.mg - self.mu - self.mh)
+
+    def avail_t(self) -> int:
+        return max(0, self.tb - self.th)
+
+
+@dataclass
+class Hold:
+    rid: str
+    chain: tuple[str, ...]
+    g: int
+    takes: list[list[int | str]]
+    exp: int
+    hp: int
+    state: str = "H"
+    charged: int = 0
+    xtakes: list[list[int | str]] = field(default_factory=list)
+
+
+class Model:
+    """The wallets as DESIGN §3 describes them, written independently of the Lua."""
+
+    def __init__(self, now: int) -> None:
+        self.w = {"S": Wallet(), "T": Wallet(), "O": Wallet()}
+        self.d = 0
+        self.holds: dict[str, Hold] = {}
+        self.roll(now)
+
+    def roll(self, now: int) -> None:
+        pid = period_id(now)
+        for lvl, w in self.w.items():
+            if w.p != pid:
+                w.p, w.mu, w.mh, w.tu, w.cu, w.ch = pid, 0, 0, 0, 0, 0
+                w.mg = MONTHLY if lvl == "O" else 0
+        self.settle()
+
+    def settle(self) -> None:
+        o = self.w["O"]
+        x = min(self.d, o.avail_m())
+        o.mu += x
+        self.d -= x
+        y = min(self.d, o.avail_t())
+        o.tb -= y
+        o.tu += y
+        self.d -= y
+
+    def avail(self, chain: tuple[str, ...]) -> int:
+        return sum(self.w[lvl].avail_m() + self.w[lvl].avail_t() for lvl in chain)
+
+    def room(self, chain: tuple[str, ...]) -> int:
+        if chain[0] != "S":
+            return -1
+        return max(0, SEAT_CAP - self.w["S"].cu - self.w["S"].ch)
+
+    def release_all(self, h: Hold, state: str) -> None:
+        for code, pid, amt in h.takes:
+            w = self.w[str(code)[0]]
+            if str(code)[1] == "m":
+                if w.p == pid:
+                    w.mh -= int(amt)
+            else:
+                w.th -= int(amt)
+        if h.chain[0] == "S" and self.w["S"].p == h.hp:
+            self.w["S"].ch -= h.g
+        h.state = state
+
+    def expire_due(self, now: int, limit: int) -> None:
+        due = sorted((h.exp, h.rid) for h in self.holds.values()
+                     if h.state == "H" and h.exp <= now)
+        for _, rid in due[:limit]:
+            self.release_all(self.holds[rid], "E")
+
+    def reserve(self, now: int, who: str, amount: int, partial: bool) -> int:
+        self.expire_due(now, 4)
+        self.roll(now)
+        chain = ("S", "T", "O") if who == "seat" else ("O",)
+        avail, room = self.avail(chain), self.room(chain)
+        can = min(avail, room) if room >= 0 else avail
+        if can >= amount:
+            return amount
+        if partial and can > 0:
+            return can
+        return 0
+
+    def hold(self, now: int, rid: str, who: str, amount: int) -> None:
+        chain = ("S", "T", "O") if who == "seat" else ("O",)
+        takes: list[list[int | str]] = []
+        left = amount
+        for lvl in chain:
+            w = self.w[lvl]
+            x = min(left, w.avail_m())
+            if x:
+                w.mh += x
+                left -= x
+                takes.append([lvl + "m", w.p, x])
+            y = min(left, w.avail_t())
+            if y:
+                w.th += y
+                left -= y
+                takes.append([lvl + "t", w.p, y])
+        assert left == 0
+        if chain[0] == "S":
+            self.w["S"].ch += amount
+        self.holds[rid] = Hold(rid, chain, amount, takes, now + TTL_S * 1000, self.w["O"].p)
+
+    def charge_free(self, chain: tuple[str, ...], amount: int) -> list[list[int | str]]:
+        takes: list[list[int | str]] = []
+        left = amount
+        for lvl in chain:
+            w = self.w[lvl]
+            x = min(left, w.avail_m())
+            if x:
+                w.mu += x
+                left -= x
+                takes.append([lvl + "m", w.p, x])
+            y = min(left, w.avail_t())
+            if y:
+                w.tb -= y
+                w.tu += y
+                left -= y
+                takes.append([lvl + "t", w.p, y])
+        if left:
+            self.d += left
+            takes.append(["D", 0, left])
+        return takes
+
+    def commit(self, now: int, rid: str, actual: int | None) -> tuple[str, int]:
+        h = self.holds[rid]
+        self.roll(now)
+        if h.state == "H" and now >= h.exp:
+            self.release_all(h, "E")
+        if h.state in ("C", "R"):
+            self.settle()
+            return h.state, h.charged
+        a = h.g if actual is None else actual
+        left = a
+        charged: list[list[int | str]] = []
+        if h.state == "H":
+            for code, pid, amt in h.takes:
+                w = self.w[str(code)[0]]
+                x = min(left, int(amt))
+                if x:
+                    if str(code)[1] == "m":
+                        if w.p == pid:
+                            w.mh -= x
+                            w.mu += x
+                    else:
+                        w.th -= x
+                        w.tb -= x
+                        if w.p == pid:
+                            w.tu += x
+                    charged.append([code, pid, x])
+                    left -= x
+                rest = int(amt) - x
+                if rest:
+                    if str(code)[1] == "m":
+                        if w.p == pid:
+                            w.mh -= rest
+                    else:
+                        w.th -= rest
+            if h.chain[0] == "S":
+                s = self.w["S"]
+                if s.p == h.hp:
+                    s.ch -= h.g
+                s.cu += a
+        elif h.chain[0] == "S":
+            self.w["S"].cu += a
+        if left:
+            charged += self.charge_free(h.chain, left)
+        h.state, h.charged, h.xtakes = "C", a, charged
+        self.settle()
+        return "C", a
+
+    def refund(self, now: int, rid: str, amount: int | None) -> tuple[str, int]:
+        h = self.holds[rid]
+        self.roll(now)
+        if h.state == "H" and now >= h.exp:
+            self.release_all(h, "E")
+        if h.state == "E":
+            return "E", 0
+        if h.state == "R":
+            return "R", getattr(h, "refunded", 0)
+        if h.state == "H":
+            self.release_all(h, "R")
+            h.refunded = h.g  # type: ignore[attr-defined]
+            self.settle()
+            return "R", h.g
+        x = h.charged if amount is None else min(h.charged, amount)
+        left = x
+        for code, pid, amt in reversed(h.xtakes):
+            y = min(left, int(amt))
+            if y:
+                if code == "D":
+                    self.d = max(0, self.d - y)
+                else:
+                    w = self.w[str(code)[0]]
+                    if str(code)[1] == "m":
+                        if w.p == pid:
+                            w.mu -= y
+                    else:
+                        w.tb += y
+                        if w.p == pid:
+                            w.tu -= y
+                left -= y
+        if x and h.chain[0] == "S" and self.w["S"].p == h.hp:
+            self.w["S"].cu = max(0, self.w["S"].cu - x)
+        h.state = "R"
+        h.refunded = x  # type: ignore[attr-defined]
+        self.settle()
+        return "R", x
+
+    def extend(self, now: int, rid: str, add: int) -> bool:
+        h = self.holds[rid]
+        self.roll(now)
+        if h.state != "H" or now >= h.exp:
+            return False
+        avail, room = self.avail(h.chain), self.room(h.chain)
+        if avail < add or (room >= 0 and room < add):
+            return False
+        before = Hold(rid, h.chain, 0, [], 0, 0)
+        self.w_hold_more(h, add, before)
+        h.exp = now + TTL_S * 1000
+        return True
+
+    def w_hold_more(self, h: Hold, add: int, scratch: Hold) -> None:
+        left = add
+        for lvl in h.chain:
+            w = self.w[lvl]
+            for kind in "mt":
+                x = min(left, w.avail_m() if kind == "m" else w.avail_t())
+                if not x:
+                    continue
+                if kind == "m":
+                    w.mh += x
+                else:
+                    w.th += x
+                left -= x
+                for t in h.takes:
+                    if t[0] == lvl + kind and t[1] == w.p:
+                        t[2] = int(t[2]) + x
+                        break
+                else:
+                    h.takes.append([lvl + kind, w.p, x])
+        if h.chain[0] == "S":
+            self.w["S"].ch += add
+        h.g += add
+
+    def view(self, chain: tuple[str, ...]) -> dict[str, int]:
+        ws = [self.w[lvl] for lvl in chain]
+        mg = sum(w.mg for w in ws)
+        mu = sum(w.mu for w in ws)
+        tb = sum(w.tb for w in ws)
+        tu = sum(w.tu for w in ws)
+        remaining = self.avail(chain)
+        room = self.room(chain)
+        if 0 <= room < remaining:
+            remaining = room
+        return {"used": mu + tu + self.d, "total": mg + tb + tu, "remaining": remaining,
+                "reserved": sum(w.mh + w.th for w in ws), "monthly_granted": mg,
+                "monthly_used": mu, "topup_remaining": tb, "debt": self.d}
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    holds = Bundle("holds")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = LOOP
+        self.counter = itertools.count()
+        self.committed: list[str] = []
+
+    def run(self, coro):  # type: ignore[no-untyped-def]
+        return self.loop.run_until_complete(coro)
+
+    @initialize()
+    def setup(self) -> None:
+        self.clock = ManualClock(T0)
+        self.ledger = Ledger(REDIS, catalog.load(None).catalog, self.clock, Keys(16),
+                             LedgerOptions(default_ttl_s=TTL_S))
+
+        async def go() -> None:
+            await REDIS.flushall()
+            await self.ledger.upsert_plan("p", [Allowance(M, MONTHLY)])
+            await self.ledger.upsert_org("org", "p")
+            await self.ledger.upsert_team("org", "t1")
+            await self.ledger.upsert_seat("org", "s1", "t1", [SeatLimit(M, SEAT_CAP)])
+        self.run(go())
+        self.model = Model(T0)
+        self.resolved: dict[str, int] = {}
+
+    @rule(target=holds, who=st.sampled_from(["org", "seat"]),
+          amount=st.integers(1, 900), partial=st.booleans())
+    def reserve(self, who: str, amount: int, partial: bool) -> str:
+        key = f"k{next(self.counter)}"
+        r = self.run(self.ledger.reserve(SUBJECTS[who], [Charge(M, amount)],
+                                         idempotency_key=key, allow_partial=partial))
+        expect = self.model.reserve(self.clock.now_ms(), who, amount, partial)
+        if expect:
+            assert r.decision is Decision.GRANTED, (who, amount, r)
+            assert r.granted == (Charge(M, expect),)
+            self.model.hold(self.clock.now_ms(), r.reservation_id, who, expect)
+            return r.reservation_id
+        assert r.decision is Decision.DENIED, (who, amount, r)
+        return ""
+
+    @rule(rid=consumes(holds), actual=st.none() | st.integers(0, 1200))
+    def commit(self, rid: str, actual: int | None) -> None:
+        if not rid:
+            return
+        res = self.run(self.ledger.commit(rid, [] if actual is None else [Charge(M, actual)]))
+        state, charged = self.model.commit(self.clock.now_ms(), rid, actual)
+        assert res.state is {"C": HoldState.COMMITTED, "R": HoldState.REFUNDED}[state]
+        if state == "C":
+            assert res.amounts == (Charge(M, charged),)
+            # Committing again answers the same and charges nothing more.
+            again = self.run(self.ledger.commit(rid, [Charge(M, 1)]))
+            assert again.state is HoldState.COMMITTED and again.amounts == res.amounts
+            self.committed.append(rid)
+
+    @rule(rid=consumes(holds))
+    def refund_held(self, rid: str) -> None:
+        if not rid:
+            return
+        res = self.run(self.ledger.refund(rid))
+        state, amount = self.model.refund(self.clock.now_ms(), rid, None)
+        assert res.state is {"R": HoldState.REFUNDED, "E": HoldState.EXPIRED}[state]
+        if state == "R":
+            assert res.amounts == (Charge(M, amount),)
+
+    @precondition(lambda self: bool(self.committed))
+    @rule(data=st.data(), partial=st.none() | st.integers(1, 1500))
+    def refund_committed(self, data: st.DataObject, partial: int | None) -> None:
+        rid = data.draw(st.sampled_from(self.committed))
+        self.committed.remove(rid)
+        res = self.run(self.ledger.refund(rid, [] if partial is None else [Charge(M, partial)]))
+        state, amount = self.model.refund(self.clock.now_ms(), rid, partial)
+        assert state == "R" and res.state is HoldState.REFUNDED
+        assert res.amounts == (Charge(M, amount),)
+
+    @rule(rid=holds, add=st.integers(1, 300))
+    def extend(self, rid: str, add: int) -> None:
+        if not rid or self.model.holds[rid].state != "H":
+            return
+        if self.clock.now_ms() >= self.model.holds[rid].exp:
+            return
+        res = self.run(self.ledger.extend(rid, [Charge(M, add)], TTL_S))
+        ok = self.model.extend(self.clock.now_ms(), rid, add)
+        assert (res.decision is Decision.GRANTED) == ok, (rid, add, res)
+
+    @rule(target_=st.sampled_from(["org", "team", "seat"]), amount=st.integers(1, 800))
+    def topup(self, target_: str, amount: int) -> None:
+        pid = f"p{next(self.counter)}"
+        team, seat = {"org": ("", ""), "team": ("t1", ""), "seat": ("", "s1")}[target_]
+        r = self.run(self.ledger.topup("org", M, amount, pid, team, seat))
+        assert r.applied
+        self.model.roll(self.clock.now_ms())
+        self.model.w[{"org": "O", "team": "T", "seat": "S"}[target_]].tb += amount
+        self.model.settle()
+        # The same purchase again changes nothing.
+        assert not self.run(self.ledger.topup("org", M, amount, pid, team, seat)).applied
+
+    @rule(seconds=st.sampled_from([1, 30, 61, 3600, 20 * 86400]))
+    def advance(self, seconds: int) -> None:
+        self.clock.advance(seconds * 1000)
+
+    @rule()
+    def sweep(self) -> None:
+        n = self.run(self.ledger.sweep(self.ledger.keys.shard_of("org"), 100))
+        self.model.roll(self.clock.now_ms())
+        self.model.expire_due(self.clock.now_ms(), 100)
+        assert n >= 0
+
+    @invariant()
+    def balances_match_model(self) -> None:
+        if not hasattr(self, "model"):
+            return
+        now = self.clock.now_ms()
+        for who, chain in (("org", ("O",)), ("seat", ("S", "T", "O"))):
+            (b,) = self.run(self.ledger.get_balance(SUBJECTS[who], [M]))
+            self.model.roll(now)
+            want = self.model.view(chain)
+            got = {k: getattr(b, k) for k in want}
+            assert got == want, (who, got, want)
+            assert b.remaining >= 0 and b.reserved >= 0 and b.monthly_used <= b.monthly_granted
+        for w in self.model.w.values():
+            assert min(w.mu, w.mh, w.tb, w.th, w.tu, w.cu, w.ch) >= 0
+        # Monthly tokens are never granted beyond the plan, nor seat tokens beyond the cap
+        # (overdrafts by Commit become debt, never negative buckets).
+        o, s = self.model.w["O"], self.model.w["S"]
+        assert o.mu + o.mh <= o.mg
+        assert s.cu + s.ch <= SEAT_CAP or self.model.d > 0 or any(
+            h.charged > h.g for h in self.model.holds.values())
+
+
+LOOP: asyncio.AbstractEventLoop
+REDIS: aioredis.Redis
+
+
+@pytest.fixture(scope="module")
+def machine_env():  # type: ignore[no-untyped-def]
+    global LOOP, REDIS
+    srv = RedisServer().start()
+    LOOP = asyncio.new_event_loop()
+    REDIS = aioredis.Redis.from_url(srv.url)
+    yield
+    LOOP.run_until_complete(REDIS.aclose())
+    LOOP.close()
+    srv.close()
+
+
+def test_wallets_match_model(machine_env: None) -> None:
+    LedgerMachine.TestCase.settings = settings(
+        max_examples=60, stateful_step_count=40, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow])
+    LedgerMachine.TestCase().runTest()
