@@ -60,7 +60,8 @@ class EmbeddedRedis:
         self.dir.mkdir(parents=True, exist_ok=True)
         args = [redis_binary(), "--dir", str(self.dir), "--appendonly", "yes",
                 "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes",
-                "--bind", "127.0.0.1", "--logfile", str(self.dir / "redis.log")]
+                "--bind", "127.0.0.1", "--logfile", str(self.dir / "redis.log"),
+                "--pidfile", str(self.dir / "redis.pid")]
         if self.socket:
             if self.socket.exists():
                 self.socket.unlink()

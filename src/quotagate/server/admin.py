@@ -3,6 +3,8 @@ UNIMPLEMENTED (the generated base class)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from quotagate.ledger import model
@@ -10,6 +12,11 @@ from quotagate.ledger.store import Ledger
 from quotagate.server import convert as cv
 from quotagate.server.status import translated
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
+
+
+def _flag(request: Any, name: str) -> bool:
+    """An `optional bool` left out means true: a new org has AI on, a new assistant is on."""
+    return bool(getattr(request, name)) if request.HasField(name) else True
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -27,7 +34,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def UpsertOrg(self, request: admin_pb2.UpsertOrgRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.UpsertOrgResponse:
         created = await self.ledger.upsert_org(request.org_id, request.plan, request.seats,
-                                               request.period_anchor_day, request.ai_enabled)
+                                               request.period_anchor_day,
+                                               _flag(request, "ai_enabled"))
         balances = await self.ledger.get_balance(model.Subject(request.org_id))
         return admin_pb2.UpsertOrgResponse(created=created, balances=cv.balances_pb(balances))
 
@@ -50,7 +58,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                               context: grpc.aio.ServicerContext
                               ) -> admin_pb2.UpsertAssistantResponse:
         created = await self.ledger.upsert_assistant(request.org_id, request.assistant_id,
-                                                     request.team_id, request.enabled)
+                                                     request.team_id, _flag(request, "enabled"))
         return admin_pb2.UpsertAssistantResponse(created=created)
 
     @translated

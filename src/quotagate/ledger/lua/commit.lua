@@ -96,6 +96,10 @@ for i = 1, h.n do
     'labels', (labels ~= '' and labels) or h.lbl or '', 'at', I(now)})
 end
 redis.call('HSET', key, unpack(fields))
-redis.call('PEXPIRE', key, retain)
+-- A committed gauge charge (stored bytes) is given back by a Refund when the file is
+-- deleted, maybe months later: keep such holds until then. Others expire after retention.
+local gauge = false
+for i = 1, h.n do if h['k' .. i] == 'g' then gauge = true end end
+if gauge then redis.call('PERSIST', key) else redis.call('PEXPIRE', key, retain) end
 redis.call('ZREM', h.pre .. 'exp', h.rid)
 return answer('C')

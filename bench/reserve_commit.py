@@ -1,0 +1,140 @@
+"""Reserve+Commit per second against the gRPC health check on the same server.
+
+Starts `quotagate serve` (its own embedded Redis in a temp dir) as a separate process,
+drives it from this process with C concurrent asyncio clients for D seconds per scenario,
+and prints each scenario's rate and its ratio to the health-check ceiling measured in the
+same run. Nothing here asserts a time: it reports.
+
+    python bench/reserve_commit.py [--seconds 5] [--concurrency 64] [--orgs 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from quotagate.v1 import admin_pb2, admin_pb2_grpc, common_pb2, quota_pb2, quota_pb2_grpc
+
+M = "message_tokens"
+
+
+def start_server(data_dir: str) -> tuple[subprocess.Popen[str], int]:
+    env = {**os.environ, "QUOTAGATE_LISTEN": "127.0.0.1:0", "QUOTAGATE_DATA_DIR": data_dir,
+           "QUOTAGATE_LOG_LEVEL": "WARNING"}
+    env.pop("QUOTAGATE_REDIS_URL", None)
+    env["QUOTAGATE_LOG_LEVEL"] = "INFO"
+    proc = subprocess.Popen([sys.executable, "-m", "quotagate", "serve"], env=env, text=True,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        m = re.search(r"serving on [\d.]+:(\d+)", line)
+        if m:
+            return proc, int(m.group(1))
+    raise SystemExit("server did not start")
+
+
+async def run_for(seconds: float, concurrency: int, one) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    """Run `one(worker, i)` in `concurrency` loops for `seconds`; return ops/s, latencies."""
+    stop = time.perf_counter() + seconds
+    lat: list[float] = []
+    count = 0
+
+    async def worker(w: int) -> None:
+        nonlocal count
+        i = 0
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            count += await one(w, i)
+            lat.append(time.perf_counter() - t)
+            i += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return count / (time.perf_counter() - t0), lat
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p * len(s)))] * 1000 if s else 0.0
+
+
+async def bench(port: int, seconds: float, concurrency: int, orgs: int) -> dict[str, object]:
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    admin = admin_pb2_grpc.AdminServiceStub(ch)
+    quota = quota_pb2_grpc.QuotaServiceStub(ch)
+    health = health_pb2_grpc.HealthStub(ch)
+    await admin.UpsertPlan(admin_pb2.UpsertPlanRequest(name="bench", allowances=[
+        admin_pb2.Allowance(meter=M, monthly=2**49)]))
+    for o in range(orgs):
+        await admin.UpsertOrg(admin_pb2.UpsertOrgRequest(org_id=f"org-{o}", plan="bench",
+                                                         ai_enabled=True))
+    hreq = health_pb2.HealthCheckRequest()
+
+    async def health_one(w: int, i: int) -> int:
+        await health.Check(hreq)
+        return 1
+
+    async def reserve_commit(w: int, i: int) -> int:
+        r = await quota.Reserve(quota_pb2.ReserveRequest(
+            subject=common_pb2.Subject(org_id=f"org-{(w * 7919 + i) % orgs}"),
+            charges=[common_pb2.Charge(meter=M, amount=2_000)],
+            idempotency_key=f"{w}-{i}"))
+        await quota.Commit(quota_pb2.CommitRequest(reservation_id=r.reservation_id,
+                                                   actual=[common_pb2.Charge(meter=M,
+                                                                             amount=1_733)]))
+        return 2  # two RPCs
+
+    await run_for(1.0, concurrency, health_one)  # warm up both paths
+    await run_for(1.0, concurrency, reserve_commit)
+    ceiling, hl = await run_for(seconds, concurrency, health_one)
+    rc, rl = await run_for(seconds, concurrency, reserve_commit)
+    await ch.close()
+    return {
+        "concurrency": concurrency, "seconds": seconds, "orgs": orgs,
+        "health_rps": round(ceiling), "health_p50_ms": round(pct(hl, .5), 3),
+        "health_p99_ms": round(pct(hl, .99), 3),
+        "reserve_commit_rpc_per_s": round(rc), "reserve_commit_pairs_per_s": round(rc / 2),
+        "pair_p50_ms": round(pct(rl, .5), 3), "pair_p99_ms": round(pct(rl, .99), 3),
+        "ratio_to_ceiling": round(rc / ceiling, 3),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--orgs", type=int, default=1000)
+    p.add_argument("--json", default="bench/results/reserve_commit.json")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="qg-bench-") as d:
+        proc, port = start_server(d)
+        try:
+            result = asyncio.run(bench(port, a.seconds, a.concurrency, a.orgs))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    print(f"{'scenario':<22}{'rate':>12}{'p50 ms':>10}{'p99 ms':>10}{'ratio':>8}")
+    print(f"{'health check (ceiling)':<22}{result['health_rps']:>10}/s"
+          f"{result['health_p50_ms']:>10}{result['health_p99_ms']:>10}{1.0:>8}")
+    print(f"{'reserve+commit (RPCs)':<22}{result['reserve_commit_rpc_per_s']:>10}/s"
+          f"{result['pair_p50_ms']:>10}{result['pair_p99_ms']:>10}"
+          f"{result['ratio_to_ceiling']:>8}")
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"(pair latency = one Reserve + one Commit; report written to {a.json})")
+
+
+if __name__ == "__main__":
+    main()

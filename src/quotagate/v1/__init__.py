@@ -1,0 +1,1 @@
+"""quotagate API stubs, generated; `make proto` regenerates (never edit)."""

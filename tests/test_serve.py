@@ -1,0 +1,163 @@
+"""`quotagate serve` as an operator runs it: a real process, the embedded Redis, health,
+reflection, SIGTERM draining, and configuration errors that name the variable."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from conftest import Grpc
+from quotagate.v1 import common_pb2, quota_pb2, quota_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _drain(proc: subprocess.Popen[str], lines: list[str]) -> None:
+    assert proc.stderr is not None
+    with proc.stderr:
+        lines.extend(proc.stderr)
+
+
+def start_serve(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[str], int]:
+    e = {**os.environ, "QUOTAGATE_LISTEN": "127.0.0.1:0", "QUOTAGATE_DATA_DIR": str(tmp_path),
+         "QUOTAGATE_CATALOG": str(ROOT / "examples" / "catalog.toml"), **env}
+    e.pop("QUOTAGATE_REDIS_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "quotagate", "serve"], env=e, text=True,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        m = re.search(r"serving on [\d.]+:(\d+)", line)
+        if m:
+            # Keep reading the log so the server never blocks on a full pipe.
+            threading.Thread(target=_drain, args=(proc, []), daemon=True).start()
+            return proc, int(m.group(1))
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    proc.wait()
+    proc.stderr.close()
+    raise AssertionError("quotagate serve did not start")
+
+
+def test_serve_embedded_health_reflection_and_sigterm(tmp_path: Path) -> None:
+    proc, port = start_serve(tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(
+                service="quotagate.v1.QuotaService")).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            answer = next(iter(refl.ServerReflectionInfo(iter([
+                reflection_pb2.ServerReflectionRequest(list_services="")]))))
+            names = {s.name for s in answer.list_services_response.service}
+            assert {"quotagate.v1.QuotaService", "quotagate.v1.AdminService",
+                    "grpc.health.v1.Health"} <= names
+            # The demo org of the example catalog answers right away.
+            q = quota_pb2_grpc.QuotaServiceStub(ch)
+            r = q.Reserve(quota_pb2.ReserveRequest(
+                subject=common_pb2.Subject(org_id="demo", seat_id="alice"),
+                charges=[common_pb2.Charge(meter="message_tokens", amount=2_000)],
+                idempotency_key="serve-test"))
+            assert r.decision == common_pb2.DECISION_GRANTED
+            c = q.Commit(quota_pb2.CommitRequest(reservation_id=r.reservation_id))
+            assert c.state == common_pb2.HOLD_STATE_COMMITTED
+        redis_pid = int((tmp_path / "redis" / "redis.pid").read_text()) \
+            if (tmp_path / "redis" / "redis.pid").exists() else None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # AOF lives in the data directory, and the embedded Redis stopped with the sidecar.
+    assert list((tmp_path / "redis").glob("appendonly*")), "no AOF written"
+    if redis_pid:
+        with pytest.raises(ProcessLookupError):
+            os.kill(redis_pid, 0)
+    # Restarting on the same data directory keeps what was committed.
+    proc, port = start_serve(tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            b = quota_pb2_grpc.QuotaServiceStub(ch).GetBalance(quota_pb2.GetBalanceRequest(
+                subject=common_pb2.Subject(org_id="demo"), meters=["message_tokens"]))
+            assert b.balances[0].used == 2_000
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.mark.parametrize(("var", "value"), [("QUOTAGATE_SHARDS", "many"),
+                                            ("QUOTAGATE_LISTEN", "nowhere"),
+                                            ("QUOTAGATE_REDIS_URL", "http://x"),
+                                            ("QUOTAGATE_DEFAULT_TTL_SECONDS", "0")])
+def test_bad_setting_names_the_variable(var: str, value: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "quotagate", "serve"], capture_output=True,
+                         text=True, env={**os.environ, var: value}, timeout=60)
+    assert out.returncode == 2
+    assert var in out.stderr
+
+
+def test_bad_catalog_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "c.toml"
+    bad.write_text('[meters.a]\nkind = "sometimes"\n')
+    out = subprocess.run([sys.executable, "-m", "quotagate", "serve"], capture_output=True,
+                         text=True, env={**os.environ, "QUOTAGATE_CATALOG": str(bad)},
+                         timeout=60)
+    assert out.returncode == 2 and "meters.a.kind" in out.stderr
+
+
+async def test_draining_reports_not_serving_while_rpcs_finish(server: Grpc) -> None:
+    health = health_pb2_grpc.HealthStub(server.channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    await server.app.health.drain()  # type: ignore[union-attr]  # what SIGTERM does first
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == \
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    # The health loop does not flip it back while draining.
+    assert not await server.app.health.update()  # type: ignore[union-attr]
+
+
+async def test_health_not_serving_when_redis_is_gone() -> None:
+    from quotagate.app import App
+    from quotagate.settings import Settings
+    from redis_server import RedisServer
+
+    srv = RedisServer().start()
+    app = await App(Settings(listen="127.0.0.1:0", redis_url=srv.url, grace_seconds=0,
+                             redis_timeout_ms=200)).start()
+    try:
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        health = health_pb2_grpc.HealthStub(ch)
+        assert await app.health.update()  # type: ignore[union-attr]
+        srv.stop()
+        assert not await app.health.update()  # type: ignore[union-attr]
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        # A runtime call is answered fast with UNAVAILABLE, not hung.
+        t = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await quota_pb2_grpc.QuotaServiceStub(ch).Check(quota_pb2.CheckRequest(
+                subject=common_pb2.Subject(org_id="o")))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - t < 5  # generous bound: the point is "not hung"
+        srv.start()
+        assert await app.health.update()  # type: ignore[union-attr]
+        await ch.close()
+    finally:
+        await app.stop()
+        srv.close()
