@@ -56,7 +56,8 @@ async def run_for(seconds: float, concurrency: int, one) -> tuple[float, list[fl
         i = 0
         while time.perf_counter() < stop:
             t = time.perf_counter()
-            count += await one(w, i)
+            done = await one(w, i)  # not `count += await …`: that loses updates
+            count += done
             lat.append(time.perf_counter() - t)
             i += 1
 

@@ -25,7 +25,7 @@ def test_escape_is_injective_and_reversible(a: str, b: str) -> None:
 @given(ids)
 def test_every_key_of_an_org_shares_its_hash_tag(org: str) -> None:
     k = Keys(256)
-    tag = "{%d}" % k.shard_of(org)
+    tag = f"{{{k.shard_of(org)}}}"
     rid = k.reservation_id(org, "0" * 32)
     for key in (k.cfg(org), k.bal(org, "message_tokens"), k.idem(org, "x:{y}"),
                 k.purchases(org), k.hold(rid), k.ledger(k.shard_of(org))):

@@ -479,6 +479,6 @@ def machine_env():  # type: ignore[no-untyped-def]
 
 def test_wallets_match_model(machine_env: None) -> None:
     LedgerMachine.TestCase.settings = settings(
-        max_examples=60, stateful_step_count=40, deadline=None,
+        max_examples=200, stateful_step_count=50, deadline=None,
         suppress_health_check=[HealthCheck.too_slow])
     LedgerMachine.TestCase().runTest()

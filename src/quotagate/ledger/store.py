@@ -223,7 +223,7 @@ class Ledger:
         items = validate.charges(self.catalog, additional, "additional", required=False)
         ttl = self._ttl_ms(ttl_seconds)
         reply = await self._call(self.scripts.extend(keys=[key], args=[
-            self.clock.now_ms(), ttl, self.opt.ledger_maxlen, *self._amounts(items)[0:]]))
+            self.clock.now_ms(), ttl, self.opt.ledger_maxlen, *self._amounts(items)]))
         _raise_if_error(reply)
         if _s(reply[1]) == "G":
             return ExtendResult(Decision.GRANTED, DenyReason.NONE, False, _charges(reply[4]),
@@ -339,7 +339,8 @@ class Ledger:
         k = self.keys
         keys = [k.cfg(org_id), k.ledger(k.shard_of(org_id))]
         argv: list[Any] = ["org", self.clock.now_ms(), self.opt.ledger_maxlen, escape(org_id),
-                           escape(plan), seats, anchor, "1" if ai else "0", len(self.catalog.meters)]
+                           escape(plan), seats, anchor, "1" if ai else "0",
+                           len(self.catalog.meters)]
         for m in self.catalog.meters:
             a = by_meter.get(m, Allowance(m))
             keys.append(k.bal(org_id, m))
