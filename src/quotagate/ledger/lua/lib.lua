@@ -221,6 +221,18 @@ local function takes_merge(a, b)
   return out
 end
 
+-- Canonical burn order of bucket codes; 'D' (debt) comes last, so a refund, which walks
+-- this order backwards, pays debt back first, then org top-up, org monthly, team, seat.
+local BURN_RANK = {Sm = 1, St = 2, Tm = 3, Tt = 4, Om = 5, Ot = 6, D = 7}
+
+local function takes_in_burn_order(takes)
+  table.sort(takes, function(a, b)
+    if BURN_RANK[a[1]] ~= BURN_RANK[b[1]] then return BURN_RANK[a[1]] < BURN_RANK[b[1]] end
+    return a[2] < b[2]
+  end)
+  return takes
+end
+
 local function wallet_of(ws, code)
   local level = string.sub(code, 1, 1)
   for i = 1, #ws do

@@ -70,7 +70,7 @@ for i = 1, h.n do
   if x > 0 then
     local ctx = hold_ctx(h, i, now)
     local ws = chain_load(ctx)
-    local takes = takes_decode(h['x' .. i])
+    local takes = takes_in_burn_order(takes_decode(h['x' .. i]))
     local left = x
     for j = #takes, 1, -1 do
       local y = math.min(left, takes[j][3])
