@@ -67,7 +67,7 @@ class App:
         else:
             log.error("redis at %s is not answering; serving NOT_SERVING until it does", url)
 
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(self.ledger), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.ledger), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)

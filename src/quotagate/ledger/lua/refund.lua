@@ -51,7 +51,7 @@ end
 if h.st == 'R' or h.st == 'E' then return answer(h.st) end
 
 if h.st == 'H' then
-  hold_release_all(h, key, now, 'R', ledger, maxlen, retain, 'refund')
+  hold_release_all(h, key, now, 'R', ledger, maxlen, retain, 'release')
   local f = {'reason', reason}
   for i = 1, h.n do
     h['r' .. i] = h['g' .. i]
