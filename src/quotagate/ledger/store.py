@@ -49,6 +49,8 @@ class LedgerOptions:
     #: approximate cap of each shard's ledger stream (0: none; the syncer trims it)
     ledger_maxlen: int = 1_000_000
     sweep_batch: int = 100
+    #: wallet.low fires when this much of an org's wallet is used (percent, ascending)
+    low_thresholds: tuple[int, ...] = (80,)
 
 
 def _s(v: Any) -> str:
@@ -345,6 +347,7 @@ class Ledger:
             a = by_meter.get(m, Allowance(m))
             keys.append(k.bal(org_id, m))
             argv += [self._emeter[m], self._kind[m], a.monthly, a.per_seat]
+        argv.append(",".join(str(t) for t in self.opt.low_thresholds))
         reply = await self._call(self.scripts.configure(keys=keys, args=argv))
         _raise_if_error(reply)
         return bool(_i(reply[1]))

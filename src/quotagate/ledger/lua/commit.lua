@@ -86,6 +86,10 @@ for i = 1, h.n do
     charged = takes_merge(charged, extra)
   end
   chain_save(ctx, ws)
+  after_change(ctx, now, a < N(h['g' .. i]))
+  if h.ae ~= '' and chain_available(ctx, ws) <= 0 then
+    assistant_deactivate(ctx, h.ae, 'exhausted', now)
+  end
   local x = takes_encode(charged)
   h['c' .. i] = I(a)
   fields[#fields + 1] = 'c' .. i; fields[#fields + 1] = I(a)

@@ -6,7 +6,8 @@
 -- ARGV[2]  now (ms)   ARGV[3] ledger MAXLEN   ARGV[4] org (escaped)
 -- op org:       ARGV[5] plan  ARGV[6] seats  ARGV[7] anchor day  ARGV[8] ai ('1'|'0')
 --               ARGV[9] n allowances, then meter, kind, monthly, per_seat for each (the
---               plan's allowances, denormalised here so the spend path reads one hash)
+--               plan's allowances, denormalised here so the spend path reads one hash),
+--               then the wallet.low thresholds (% used, comma separated, e.g. '80,95')
 -- op team:      ARGV[5] team  ARGV[6] seats
 -- op seat:      ARGV[5] seat  ARGV[6] team ('' none)  ARGV[7] n limits, then
 --               meter, limit, unlimited ('1'|'0') for each
@@ -31,7 +32,8 @@ end
 if op == 'org' then
   local plan, seats, anchor, ai = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
   local old_anchor = redis.call('HGET', cfg, 'anchor')
-  redis.call('HSET', cfg, 'plan', plan, 'seats', seats, 'anchor', I(anchor), 'ai', ai)
+  redis.call('HSET', cfg, 'plan', plan, 'seats', seats, 'anchor', I(anchor), 'ai', ai,
+    'lowpct', ARGV[10 + 4 * tonumber(ARGV[9])] or '80')
   local na = tonumber(ARGV[9])
   for i = 1, na do
     local b = 9 + (i - 1) * 4
@@ -45,6 +47,7 @@ if op == 'org' then
     if ctx.org.mg ~= grant then ctx.org.mg = grant; ctx.org.dirty = true end
     ctx.d = settle_debt(ctx.org, ctx.d)
     chain_save(ctx, ws)
+    after_change(ctx, now, true)
   end
   log({'plan', plan, 'seats', seats, 'anchor', I(anchor), 'ai', ai,
     'previous_anchor', old_anchor or ''})
@@ -80,7 +83,15 @@ end
 if op == 'assistant' then
   local ae, te, enabled = ARGV[5], ARGV[6], ARGV[7]
   if not team_known(te) then return {'ERR', 'NOT_FOUND', 'team_id', 'no such team'} end
+  local was = redis.call('HGET', cfg, 'as:' .. ae)
   local created = redis.call('HSET', cfg, 'as:' .. ae, enabled, 'at:' .. ae, te)
+  if was and was ~= enabled then
+    -- Switched by an admin: say so on the events stream (WatchStatus relays it).
+    local seq = N(redis.call('HINCRBY', cfg, 'evseq', 1))
+    local etype = (enabled == '1') and 'assistant.reactivated' or 'assistant.deactivated'
+    emit(cfg, etype, etype .. ':' .. org .. ':' .. ae .. ':admin:' .. I(seq), org,
+      {assistant_id = unesc(ae), reason = (enabled == '1') and 'enabled' or 'disabled'}, now)
+  end
   log({'assistant', ae, 'team', te, 'enabled', enabled})
   return {'OK', created > 0 and 1 or 0}
 end

@@ -71,6 +71,7 @@ for i = 1, h.n do
     local takes = chain_hold(ctx, ws, a)
     if h.se ~= '' and ws[1].level == 'S' then ws[1].ch = ws[1].ch + a; ws[1].dirty = true end
     chain_save(ctx, ws)
+    after_change(ctx, now, false)
     local merged = takes_encode(takes_merge(takes_decode(h['t' .. i]), takes))
     fields[#fields + 1] = 't' .. i; fields[#fields + 1] = merged
     fields[#fields + 1] = 'g' .. i; fields[#fields + 1] = I(N(h['g' .. i]) + a)

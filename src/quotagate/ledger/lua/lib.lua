@@ -365,7 +365,9 @@ end
 --   exp  expiry (ms)   act  action   feat  feature   lbl  labels (JSON)
 -- ---------------------------------------------------------------------------------
 
-local HOLD_STATE = {H = 1, C = 2, R = 3, E = 4}  -- HoldState enum numbers in the proto
+local HOLD_STATE = {H = 1, C = 2, R = 3, E = 4}
+
+local after_change  -- defined with the events below; holds call it after each change  -- HoldState enum numbers in the proto
 
 local function hold_ctx(h, i, now)
   local ctx = {cfg = h.cfg, bal = h['b' .. i], te = h.te, se = h.se, meter = h['m' .. i],
@@ -408,6 +410,7 @@ local function hold_release_all(h, key, now, state, ledger, maxlen, retain_ms, k
     for j = 1, #takes do release_take(ws, takes[j], takes[j][3]) end
     seat_settle(ws, h, i, 0)
     chain_save(ctx, ws)
+    after_change(ctx, now, true)
     ledger_add(ledger, maxlen, {'type', kind, 'rid', h.rid, 'org', h.o, 'team', h.te,
       'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', h['g' .. i],
       'takes', h['t' .. i], 'action', h.act or '', 'feature', h.feat or '',
@@ -431,4 +434,131 @@ local function sweep_shard(pre, now, limit, ledger, maxlen, retain_ms)
     end
   end
   return #due
+end
+
+-- ---------------------------------------------------------------------------------
+-- Events (DESIGN §5), written to the shard's events stream in the same atomic step as
+-- the change. Each has a stable id: the same crossing never yields two ids.
+-- Fields: id, type, org (raw id), attrs (JSON object of strings), at (ms).
+-- ---------------------------------------------------------------------------------
+
+local function unesc(s)
+  return (string.gsub(s, '%%(%x%x)', function(h) return string.char(tonumber(h, 16)) end))
+end
+
+local function shard_prefix(key)
+  return string.match(key, '^(.-}:)')
+end
+
+local function emit(key, etype, id, org_e, attrs, now)
+  local a = {}
+  for k, v in pairs(attrs) do a[k] = tostring(v) end
+  redis.call('XADD', shard_prefix(key) .. 'events', 'MAXLEN', '~', '100000', '*',
+    'id', id, 'type', etype, 'org', unesc(org_e), 'attrs', cjson.encode(a), 'at', I(now))
+end
+
+local function org_of(ctx)
+  if not ctx.org_e then ctx.org_e = string.match(ctx.cfg, '^.-}:org:(.*)$') end
+  return ctx.org_e
+end
+
+-- Org wallet events after a change: wallet.low at each threshold of % used (once per
+-- period), wallet.exhausted when nothing is left even once holds resolve, and
+-- wallet.replenished when an exhausted wallet can pay again. State in the bal field 'ev':
+-- "<period>|<thresholds reached, comma separated>|<exhausted 0/1>".
+local function wallet_events(ctx, now)
+  local ow = ctx.org
+  if not ow then return end
+  local o = org_of(ctx)
+  local meter = unesc(ctx.meter)
+  local total = ow.mg + ow.tb + ow.tu
+  local used = ow.mu + ow.tu + ctx.d
+  local left = (ow.mg - ow.mu) + ow.tb - ctx.d
+  local ev = redis.call('HGET', ctx.bal, 'ev') or ''
+  local epid, lows, x = string.match(ev, '^(%-?%d+)|([%d,]*)|(%d)$')
+  if epid == nil or tonumber(epid) ~= ctx.pid then
+    if epid ~= nil and tonumber(epid) ~= ctx.pid and ctx.kind ~= 'g' then
+      emit(ctx.bal, 'period.reset', 'period.reset:' .. o .. ':' .. ctx.meter .. ':' .. I(ctx.pid),
+        o, {meter = meter, period_start = I(ctx.pstart or 0)}, now)
+    end
+    lows, x = '', (x or '0')
+  end
+  local seen = {}
+  for t in string.gmatch(lows, '%d+') do seen[t] = true end
+  local changed = (epid == nil or tonumber(epid) ~= ctx.pid)
+  local th = redis.call('HGET', ctx.cfg, 'lowpct') or '80'
+  for t in string.gmatch(th, '%d+') do
+    if total > 0 and not seen[t] and used * 100 >= tonumber(t) * total then
+      seen[t] = true; changed = true
+      emit(ctx.bal, 'wallet.low', 'wallet.low:' .. o .. ':' .. ctx.meter .. ':' .. I(ctx.pid)
+        .. ':' .. t, o, {meter = meter, threshold_percent = t, used = I(used),
+        total = I(total)}, now)
+    end
+  end
+  if left <= 0 and x == '0' and (total > 0 or used > 0) then
+    x = '1'; changed = true
+    ctx.seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
+    emit(ctx.bal, 'wallet.exhausted', 'wallet.exhausted:' .. o .. ':' .. ctx.meter .. ':'
+      .. I(ctx.seq), o, {meter = meter, used = I(used), total = I(total)}, now)
+  elseif left > 0 and x == '1' then
+    x = '0'; changed = true
+    ctx.seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
+    emit(ctx.bal, 'wallet.replenished', 'wallet.replenished:' .. o .. ':' .. ctx.meter .. ':'
+      .. I(ctx.seq), o, {meter = meter, remaining = I(left)}, now)
+  end
+  if changed then
+    local list = {}
+    for t in pairs(seen) do list[#list + 1] = t end
+    table.sort(list)
+    redis.call('HSET', ctx.bal, 'ev', I(ctx.pid) .. '|' .. table.concat(list, ',') .. '|' .. x)
+  end
+end
+
+-- Assistants whose wallet ran dry are listed in '<bal>|ia' (assistant -> deactivation
+-- sequence), so a refill can reactivate exactly those.
+local function assistant_deactivate(ctx, ae, reason, now)
+  local ia = ctx.bal .. '|ia'
+  if redis.call('HEXISTS', ia, ae) == 1 then return end
+  local seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
+  redis.call('HSET', ia, ae, I(seq))
+  local o = org_of(ctx)
+  emit(ctx.bal, 'assistant.deactivated', 'assistant.deactivated:' .. o .. ':' .. ae .. ':'
+    .. ctx.meter .. ':' .. I(seq), o, {assistant_id = unesc(ae), meter = unesc(ctx.meter),
+    reason = reason}, now)
+end
+
+local function assistant_reactivate(ctx, ae, now)
+  local ia = ctx.bal .. '|ia'
+  local seq = redis.call('HGET', ia, ae)
+  if not seq then return end
+  redis.call('HDEL', ia, ae)
+  local o = org_of(ctx)
+  emit(ctx.bal, 'assistant.reactivated', 'assistant.reactivated:' .. o .. ':' .. ae .. ':'
+    .. ctx.meter .. ':' .. seq, o, {assistant_id = unesc(ae), meter = unesc(ctx.meter)}, now)
+end
+
+-- After a refill (top-up, refund, release, transfer, new period): every deactivated
+-- assistant of this org and meter whose wallet can pay again comes back.
+local function reactivate_all(ctx, now)
+  local ia = ctx.bal .. '|ia'
+  if redis.call('EXISTS', ia) == 0 then return end
+  local flat = redis.call('HGETALL', ia)
+  for i = 1, #flat, 2 do
+    local ae = flat[i]
+    local a = redis.call('HMGET', ctx.cfg, 'as:' .. ae, 'at:' .. ae)
+    if a[1] == '1' then
+      local c = {cfg = ctx.cfg, bal = ctx.bal, te = a[2] or '', se = '', meter = ctx.meter,
+        kind = ctx.kind, pid = ctx.pid, pstart = ctx.pstart, pend = ctx.pend}
+      local ws = chain_load(c)
+      chain_save(c, ws)
+      if chain_available(c, ws) > 0 then assistant_reactivate(ctx, ae, now) end
+    end
+  end
+end
+
+-- One call after every change of a wallet: org wallet events, then reactivations when
+-- something came back (or a new period began).
+after_change = function(ctx, now, refilled)
+  wallet_events(ctx, now)
+  if refilled or (ctx.org and ctx.org.rolled) then reactivate_all(ctx, now) end
 end

@@ -82,6 +82,7 @@ for i = 1, h.n do
     end
     ctx.d = settle_debt(ctx.org, ctx.d)
     chain_save(ctx, ws)
+    after_change(ctx, now, true)
     ledger_add(ledger, maxlen, {'type', 'refund', 'rid', h.rid, 'org', h.o, 'team', h.te,
       'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', I(x),
       'action', h.act or '', 'feature', h.feat or '', 'labels', h.lbl or '',

@@ -66,7 +66,7 @@ end
 local function deny(reason, silent, ctxs, wss)
   local bals = {}
   if ctxs then
-    for i = 1, n do chain_save(ctxs[i], wss[i]) end
+    for i = 1, n do chain_save(ctxs[i], wss[i]); after_change(ctxs[i], now, false) end
     bals = views(ctxs, wss)
   end
   return {'OK', 'D', reason, silent and 1 or 0, '', 0, {}, bals, 0}
@@ -129,7 +129,11 @@ for i = 1, n do wss[i] = chain_load(ctxs[i]) end
 if ae ~= '' then
   if not a_enabled then return deny('inactive', true, ctxs, wss) end
   for i = 1, n do
-    if chain_available(ctxs[i], wss[i]) <= 0 then return deny('inactive', true, ctxs, wss) end
+    if chain_available(ctxs[i], wss[i]) <= 0 then
+      -- The wallet it draws on ran dry: hide it (silent) and tell the owner, once.
+      assistant_deactivate(ctxs[i], ae, 'exhausted', now)
+      return deny('inactive', true, ctxs, wss)
+    end
   end
 end
 
@@ -151,8 +155,12 @@ for i = 1, n do
   end
 end
 
+if ae ~= '' then
+  for i = 1, n do assistant_reactivate(ctxs[i], ae, now) end
+end
+
 if mode == 'C' then
-  for i = 1, n do chain_save(ctxs[i], wss[i]) end
+  for i = 1, n do chain_save(ctxs[i], wss[i]); after_change(ctxs[i], now, false) end
   return {'OK', 'G', '', 0, '', 0, {}, views(ctxs, wss), 0}
 end
 
@@ -167,6 +175,7 @@ for i = 1, n do
   local takes = chain_hold(ctxs[i], wss[i], grants[i])
   if se ~= '' then wss[i][1].ch = wss[i][1].ch + grants[i]; wss[i][1].dirty = true end
   chain_save(ctxs[i], wss[i])
+  after_change(ctxs[i], now, false)
   local t = takes_encode(takes)
   local sfx = I(i)
   for _, kv in ipairs({{'m', charges[i].meter}, {'k', charges[i].kind}, {'b', charges[i].bal},

@@ -51,5 +51,6 @@ else
     'seat', se, 'meter', meter, 'amount', I(amount), 'purchase', pid_e, 'at', I(now)})
 end
 chain_save(ctx, ws)
+after_change(ctx, now, applied == 1)
 local room = seat_room(ws, se, seat_limit(cfg, se, meter))
 return {'OK', applied, chain_view(ctx, ws, meter, room, ctx.pstart, ctx.pend)}
