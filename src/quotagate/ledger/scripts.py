@@ -7,7 +7,8 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-NAMES = ("reserve", "commit", "refund", "extend", "sweep", "topup", "balance", "configure")
+NAMES = ("reserve", "commit", "refund", "extend", "sweep", "topup", "balance", "configure",
+         "transfer")
 
 
 def source(name: str) -> str:
@@ -30,6 +31,7 @@ class Scripts:
         self.topup = self._by_name["topup"]
         self.balance = self._by_name["balance"]
         self.configure = self._by_name["configure"]
+        self.transfer = self._by_name["transfer"]
 
     async def load_all(self) -> None:
         """SCRIPT LOAD each script (health reports SERVING only once this succeeded)."""

@@ -413,6 +413,105 @@ class Ledger:
         _raise_if_error(reply)
         return TopUpResult(bool(_i(reply[1])), _balance(reply[2]))
 
+    # -- money movement and wallet settings (issue 4) -------------------------------------
+    async def _move(self, op: str, org_id: str, meter: str, idempotency_key: str,
+                    fingerprint: list[Any], *args: Any) -> tuple[bool, tuple[MeterBalance, ...]]:
+        k = self.keys
+        fp = hashlib.sha256(json.dumps([op, org_id, meter, *fingerprint],
+                                       separators=(",", ":")).encode()).hexdigest()[:32]
+        reply = await self._call(self.scripts.transfer(
+            keys=[k.cfg(org_id), k.bal(org_id, meter), k.idem(org_id, f"{op}:{idempotency_key}"),
+                  k.ledger(k.shard_of(org_id))],
+            args=[op, self.clock.now_ms(), self._emeter[meter], self._kind[meter], fp,
+                  self.opt.retain_ms * 30, self.opt.ledger_maxlen, *args]))
+        _raise_if_error(reply)
+        return bool(_i(reply[1])), tuple(_balance(b) for b in reply[2])
+
+    async def transfer(self, org_id: str, meter: str, amount: int, bucket: str, *,
+                       idempotency_key: str, from_team_id: str = "", from_seat_id: str = "",
+                       to_team_id: str = "", to_seat_id: str = "") -> tuple[MeterBalance, ...]:
+        """Move `amount` of the `monthly` or `topup` bucket between two wallets of an org.
+        Returns the source's and the destination's own balances."""
+        validate.ident(org_id, "org_id")
+        validate.meter(self.catalog, meter, "meter")
+        validate.amount(amount, "amount")
+        if bucket not in ("monthly", "topup"):
+            raise InvalidArgument("must be BUCKET_MONTHLY or BUCKET_TOPUP", "bucket")
+        for name, v in (("from_team_id", from_team_id), ("from_seat_id", from_seat_id),
+                        ("to_team_id", to_team_id), ("to_seat_id", to_seat_id)):
+            validate.ident(v, name, required=False)
+        validate.ident(idempotency_key, "idempotency_key")
+        ids = [from_team_id, from_seat_id, to_team_id, to_seat_id]
+        _, balances = await self._move(
+            "transfer", org_id, meter, idempotency_key, [*ids, amount, bucket],
+            *(escape(x) for x in ids), amount, bucket[0])
+        return balances
+
+    async def adjust(self, org_id: str, meter: str, delta: int, reason: str, *,
+                     idempotency_key: str) -> tuple[MeterBalance, ...]:
+        """Correct the org wallet: +delta into top-up (pays debt first), -delta out of it
+        in burn order (what is not there becomes debt)."""
+        validate.ident(org_id, "org_id")
+        validate.meter(self.catalog, meter, "meter")
+        if delta == 0:
+            raise InvalidArgument("must not be 0", "delta")
+        validate.amount(abs(delta), "delta")
+        if not reason or len(reason) > 1024:
+            raise InvalidArgument("is required, at most 1024 characters", "reason")
+        validate.ident(idempotency_key, "idempotency_key")
+        _, balances = await self._move("adjust", org_id, meter, idempotency_key,
+                                       [delta, reason], delta, reason)
+        return balances
+
+    async def set_allocation_template(self, org_id: str, meter: str, mode: str,
+                                      per_seat: int = 0,
+                                      custom: Mapping[str, int] | None = None) -> dict[str, int]:
+        """mode: '' (remove), 'per_seat', 'even' or 'custom'. Returns team -> allocation."""
+        validate.ident(org_id, "org_id")
+        kind = validate.meter(self.catalog, meter, "meter")
+        if mode not in ("", "per_seat", "even", "custom"):
+            raise InvalidArgument("unknown allocation mode", "mode")
+        validate.amount(per_seat, "per_seat", allow_zero=True)
+        args: list[Any] = [self._emeter[meter], kind.value, mode, per_seat,
+                           len(custom or {})]
+        for team, amt in sorted((custom or {}).items()):
+            validate.ident(team, "custom")
+            validate.amount(amt, f"custom[{team}]", allow_zero=True)
+            args += [escape(team), amt]
+        k = self.keys
+        reply = await self._call(self.scripts.configure(
+            keys=[k.cfg(org_id), k.ledger(k.shard_of(org_id))],
+            args=["template", self.clock.now_ms(), self.opt.ledger_maxlen, escape(org_id),
+                  *args]))
+        _raise_if_error(reply)
+        flat = reply[2]
+        return {unescape(_s(flat[i])): _i(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def set_overage(self, org_id: str, meter: str, cap: int, unit_price_micros: int = 0,
+                          bill_every_micros: int = 0) -> None:
+        validate.ident(org_id, "org_id")
+        kind = validate.meter(self.catalog, meter, "meter")
+        validate.amount(cap, "cap", allow_zero=True)
+        validate.amount(unit_price_micros, "unit_price_micros", allow_zero=True)
+        validate.amount(bill_every_micros, "bill_every_micros", allow_zero=True)
+        await self._configure(org_id, "overage", self._emeter[meter], kind.value, cap,
+                              unit_price_micros, bill_every_micros)
+
+    async def set_auto_topup(self, org_id: str, meter: str, threshold: int, amount: int,
+                             enabled: bool = True, cooldown_seconds: int = 0,
+                             max_per_period: int = 0) -> None:
+        validate.ident(org_id, "org_id")
+        kind = validate.meter(self.catalog, meter, "meter")
+        validate.amount(threshold, "threshold")
+        validate.amount(amount, "amount")
+        if not 0 <= cooldown_seconds <= 366 * 86400:
+            raise InvalidArgument("must be from 0 to one year", "cooldown_seconds")
+        if max_per_period < 0:
+            raise InvalidArgument("must not be negative", "max_per_period")
+        await self._configure(org_id, "autotopup", self._emeter[meter], kind.value, threshold,
+                              amount, "1" if enabled else "0", cooldown_seconds * 1000,
+                              max_per_period)
+
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())

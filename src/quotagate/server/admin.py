@@ -3,6 +3,7 @@ UNIMPLEMENTED (the generated base class)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -74,3 +75,71 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         r = await self.ledger.topup(request.org_id, request.meter, request.amount,
                                     request.purchase_id, request.team_id, request.seat_id)
         return admin_pb2.TopUpResponse(applied=r.applied, balances=[cv.balance_pb(r.balance)])
+
+    @translated
+    async def Transfer(self, request: admin_pb2.TransferRequest,
+                       context: grpc.aio.ServicerContext) -> admin_pb2.TransferResponse:
+        bucket = {admin_pb2.BUCKET_MONTHLY: "monthly", admin_pb2.BUCKET_TOPUP: "topup"}.get(
+            request.bucket, "")
+        balances = await self.ledger.transfer(
+            request.org_id, request.meter, request.amount, bucket,
+            idempotency_key=request.idempotency_key, from_team_id=request.from_team_id,
+            from_seat_id=request.from_seat_id, to_team_id=request.to_team_id,
+            to_seat_id=request.to_seat_id)
+        return admin_pb2.TransferResponse(balances=cv.balances_pb(balances))
+
+    @translated
+    async def Adjust(self, request: admin_pb2.AdjustRequest,
+                     context: grpc.aio.ServicerContext) -> admin_pb2.AdjustResponse:
+        balances = await self.ledger.adjust(request.org_id, request.meter, request.delta,
+                                            request.reason,
+                                            idempotency_key=request.idempotency_key)
+        return admin_pb2.AdjustResponse(balances=cv.balances_pb(balances))
+
+    @translated
+    async def SetAllocationTemplate(self, request: admin_pb2.SetAllocationTemplateRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> admin_pb2.SetAllocationTemplateResponse:
+        mode = {admin_pb2.ALLOCATION_MODE_UNSPECIFIED: "",
+                admin_pb2.ALLOCATION_MODE_PER_SEAT: "per_seat",
+                admin_pb2.ALLOCATION_MODE_EVEN: "even",
+                admin_pb2.ALLOCATION_MODE_CUSTOM: "custom"}.get(request.mode, "?")
+        allocations = await self.ledger.set_allocation_template(
+            request.org_id, request.meter, mode, request.per_seat, dict(request.custom))
+        return admin_pb2.SetAllocationTemplateResponse(allocations=allocations)
+
+    @translated
+    async def SetOverage(self, request: admin_pb2.SetOverageRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.SetOverageResponse:
+        await self.ledger.set_overage(request.org_id, request.meter, request.cap,
+                                      request.unit_price_micros, request.bill_every_micros)
+        return admin_pb2.SetOverageResponse()
+
+    @translated
+    async def SetAutoTopUp(self, request: admin_pb2.SetAutoTopUpRequest,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.SetAutoTopUpResponse:
+        await self.ledger.set_auto_topup(request.org_id, request.meter, request.threshold,
+                                         request.amount, request.enabled,
+                                         request.cooldown_seconds, request.max_per_period)
+        return admin_pb2.SetAutoTopUpResponse()
+
+    async def WatchEvents(self, request: admin_pb2.WatchEventsRequest,
+                          context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
+        """Every event of the org from now on, until cancelled (not replayed)."""
+        from quotagate.errors import QuotagateError
+        from quotagate.events.hub import Overflow, hub_for
+        from quotagate.ledger import validate
+        from quotagate.server.status import to_status
+
+        try:
+            org = validate.ident(request.org_id, "org_id")
+            async with hub_for(self.ledger.redis, self.ledger.keys).subscription(org) as sub:
+                async for ev in sub:
+                    yield admin_pb2.WatchEventsResponse(event=admin_pb2.Event(
+                        id=ev.id, type=ev.type, org_id=ev.org_id,
+                        attributes=dict(ev.attributes), at=cv.ts(ev.at_ms)))
+        except QuotagateError as e:
+            await context.abort_with_status(to_status(e))
+        except Overflow as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))

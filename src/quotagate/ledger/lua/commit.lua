@@ -71,7 +71,7 @@ for i = 1, h.n do
     for j = 1, #takes do
       local x = math.min(left, takes[j][3])
       if x > 0 then
-        charge_take(ws, takes[j], x)
+        charge_take(ctx, ws, takes[j], x)
         charged[#charged + 1] = {takes[j][1], takes[j][2], x}
         left = left - x
       end

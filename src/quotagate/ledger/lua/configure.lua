@@ -13,6 +13,13 @@
 --               meter, limit, unlimited ('1'|'0') for each
 -- op assistant: ARGV[5] assistant  ARGV[6] team  ARGV[7] enabled ('1'|'0')
 -- op feature:   ARGV[5] team ('' = org-wide)  ARGV[6] feature  ARGV[7] enabled
+-- op template:  ARGV[5] meter  ARGV[6] kind  ARGV[7] mode ('' removes | per_seat | even |
+--               custom)  ARGV[8] per_seat  ARGV[9] n, then team, amount for each (custom)
+-- op overage:   ARGV[5] meter  ARGV[6] kind  ARGV[7] cap  ARGV[8] unit price (micros)
+--               ARGV[9] bill every (micros)
+-- op autotopup: ARGV[5] meter  ARGV[6] kind  ARGV[7] threshold  ARGV[8] amount
+--               ARGV[9] enabled  ARGV[10] cooldown (ms)  ARGV[11] max per period (0: any)
+-- Balance keys of other ops are built here from the shard prefix (keys.py: bal).
 -- Returns {'OK', created (1 | 0)} or {'ERR', code, field, msg}.
 
 local cfg, ledger = KEYS[1], KEYS[2]
@@ -29,6 +36,94 @@ local function team_known(te)
   return te == '' or redis.call('HEXISTS', cfg, 't:' .. te) == 1
 end
 
+local function bal_key(meter)
+  return shard_prefix(cfg) .. 'bal:' .. org .. ':' .. meter
+end
+
+local function ctx_for(meter, kind, te)
+  local ctx = {cfg = cfg, bal = bal_key(meter), te = te or '', se = '', meter = meter,
+    kind = kind}
+  if kind == 'g' then ctx.pid, ctx.pstart, ctx.pend = 0, 0, 0
+  else
+    ctx.pid, ctx.pstart, ctx.pend = period_of(now, math.max(1, N(redis.call('HGET', cfg,
+      'anchor'))))
+  end
+  return ctx
+end
+
+-- (Re)compute a meter's team allocations from its template and apply them to the
+-- current period: a team's monthly grant becomes its allocation (minus what it
+-- transferred away), the org keeps the rest of its plan grant. Spent tokens still count.
+local function apply_template(meter, spec)
+  local mode, per_seat, kind, custom = string.match(spec, '^([%w_]*)|(%d*)|(%a)|(.*)$')
+  local teams, order = {}, {}
+  local flat = redis.call('HGETALL', cfg)
+  for i = 1, #flat, 2 do
+    local te = string.match(flat[i], '^t:(.*)$')
+    if te then teams[te] = N(flat[i + 1]); order[#order + 1] = te end
+    if string.match(flat[i], '^al:' .. meter:gsub('%p', '%%%0') .. ':') then
+      redis.call('HDEL', cfg, flat[i])
+    end
+  end
+  table.sort(order)
+  local pool = org_grant(cfg, meter)
+  local alloc, total = {}, 0
+  if mode == 'per_seat' then
+    for _, te in ipairs(order) do alloc[te] = N(per_seat) * teams[te] end
+  elseif mode == 'even' then
+    if #order > 0 then
+      local each = math.floor(pool / #order)
+      for _, te in ipairs(order) do alloc[te] = each end
+    end
+  elseif mode == 'custom' then
+    for te, amt in string.gmatch(custom, '([^=,]+)=(%d+)') do
+      if teams[te] == nil then return nil, {'ERR', 'NOT_FOUND', 'custom', 'no such team'} end
+      alloc[te] = tonumber(amt)
+    end
+  end
+  for _, a in pairs(alloc) do total = total + a end
+  if total > pool then
+    return nil, {'ERR', 'FAILED_PRECONDITION', mode == 'custom' and 'custom' or 'per_seat',
+      'allocations (' .. I(total) .. ') exceed the org monthly grant (' .. I(pool) .. ')'}
+  end
+  local out = {}
+  for te, a in pairs(alloc) do
+    redis.call('HSET', cfg, 'al:' .. meter .. ':' .. te, I(a))
+    out[#out + 1] = te; out[#out + 1] = a
+  end
+  if mode == '' then
+    redis.call('HDEL', cfg, 'tmpl:' .. meter, 'alt:' .. meter)
+  else
+    redis.call('HSET', cfg, 'tmpl:' .. meter, spec, 'alt:' .. meter, I(total))
+  end
+  -- Apply to the current period.
+  local octx = ctx_for(meter, kind, '')
+  local ows = chain_load(octx)
+  local ow = octx.org
+  ow.mg = pool - total - ow.mx; ow.dirty = true
+  octx.d = settle_debt(ow, octx.d)
+  chain_save(octx, ows)
+  for _, te in ipairs(order) do
+    local w = wallet_load(octx.bal, 'T:' .. te .. ':', octx.pid, alloc[te] or 0)
+    w.mg = (alloc[te] or 0) - w.mx; w.dirty = true
+    wallet_save(w)
+  end
+  after_change(octx, now, true)
+  return out
+end
+
+local function reapply_templates()
+  local flat = redis.call('HGETALL', cfg)
+  for i = 1, #flat, 2 do
+    local meter = string.match(flat[i], '^tmpl:(.*)$')
+    if meter then
+      local _, e = apply_template(meter, flat[i + 1])
+      if e then return e end
+    end
+  end
+  return nil
+end
+
 if op == 'org' then
   local plan, seats, anchor, ai = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
   local old_anchor = redis.call('HGET', cfg, 'anchor')
@@ -43,12 +138,14 @@ if op == 'org' then
     local ctx = {cfg = cfg, bal = KEYS[2 + i], te = '', se = '', meter = meter, kind = kind}
     if kind == 'g' then ctx.pid = 0 else ctx.pid = period_of(now, anchor) end
     local ws = chain_load(ctx)
-    local grant = org_grant(cfg, meter)
+    local grant = ctx.plan_grant - ctx.allocated - ctx.org.mx
     if ctx.org.mg ~= grant then ctx.org.mg = grant; ctx.org.dirty = true end
     ctx.d = settle_debt(ctx.org, ctx.d)
     chain_save(ctx, ws)
     after_change(ctx, now, true)
   end
+  local e = reapply_templates()
+  if e then return e end
   log({'plan', plan, 'seats', seats, 'anchor', I(anchor), 'ai', ai,
     'previous_anchor', old_anchor or ''})
   return {'OK', exists and 0 or 1}
@@ -59,6 +156,8 @@ if not exists then return {'ERR', 'NOT_FOUND', 'org_id', 'no such org'} end
 if op == 'team' then
   local te, seats = ARGV[5], ARGV[6]
   local created = redis.call('HSET', cfg, 't:' .. te, seats)
+  local e = reapply_templates()
+  if e then return e end
   log({'team', te, 'seats', seats})
   return {'OK', created}
 end
@@ -104,6 +203,44 @@ if op == 'feature' then
   local created = redis.call('HSET', cfg, f, enabled)
   log({'team', te, 'feature', feature, 'enabled', enabled})
   return {'OK', created}
+end
+
+if op == 'template' then
+  local meter, kind, mode, per_seat = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+  local parts = {}
+  for i = 1, tonumber(ARGV[9]) do
+    parts[#parts + 1] = ARGV[8 + 2 * i] .. '=' .. ARGV[9 + 2 * i]
+  end
+  local spec = mode .. '|' .. per_seat .. '|' .. kind .. '|' .. table.concat(parts, ',')
+  local out, e = apply_template(meter, spec)
+  if e then return e end
+  log({'meter', meter, 'mode', mode, 'per_seat', per_seat, 'custom', table.concat(parts, ',')})
+  return {'OK', 0, out}
+end
+
+if op == 'overage' then
+  local meter, kind = ARGV[5], ARGV[6]
+  redis.call('HSET', cfg, 'oc:' .. meter, ARGV[7], 'op:' .. meter, ARGV[8],
+    'obe:' .. meter, ARGV[9])
+  local ctx = ctx_for(meter, kind, '')
+  local ws = chain_load(ctx)
+  chain_save(ctx, ws)
+  after_change(ctx, now, true)
+  log({'meter', meter, 'cap', ARGV[7], 'unit_price_micros', ARGV[8],
+    'bill_every_micros', ARGV[9]})
+  return {'OK', 0}
+end
+
+if op == 'autotopup' then
+  local meter = ARGV[5]
+  redis.call('HSET', cfg, 'atu:' .. meter, table.concat({ARGV[7], ARGV[8], ARGV[9], ARGV[10],
+    ARGV[11]}, '|'))
+  local ctx = ctx_for(meter, ARGV[6], '')
+  local ws = chain_load(ctx)
+  chain_save(ctx, ws)
+  after_change(ctx, now, false)
+  log({'meter', meter, 'threshold', ARGV[7], 'amount', ARGV[8], 'enabled', ARGV[9]})
+  return {'OK', 0}
 end
 
 return {'ERR', 'INVALID_ARGUMENT', 'op', 'unknown configuration op'}

@@ -58,7 +58,10 @@ for i, a in pairs(extra) do
   if h.ae ~= '' and avail <= 0 then return deny('inactive', true) end
   local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h['m' .. i]))
   if room >= 0 and room < a and room < avail then return deny('seat', false) end
-  if avail < a then return deny('insufficient', false) end
+  if avail < a then
+    if redis.call('HEXISTS', h.cfg, 'oc:' .. h['m' .. i]) == 1 then return deny('overage', false) end
+    return deny('insufficient', false)
+  end
 end
 
 local expires = now + ttl

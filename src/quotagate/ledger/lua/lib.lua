@@ -10,7 +10,10 @@
 --   mh  monthly tokens held by open holds       tb  top-up tokens left (never expire)
 --   th  top-up tokens held by open holds        tu  top-up tokens used this period
 --   cu  seat only: charged this period (cap)    ch  seat only: held this period (cap)
--- Org-only fields: d (debt: usage that happened with nothing left to pay it).
+--   mx  monthly tokens moved out this period by Transfer (negative: moved in)
+--   ou  org only: overage used this period      oh  org only: overage held
+-- Org-only fields: d (debt: usage that happened with nothing left to pay it), oub
+-- (overage not yet billed, micros), ev (event state), evseq, auto top-up state (at*).
 -- Numbers are Lua doubles; amounts are capped at 2^50 by the caller, so sums stay exact.
 
 local function I(x)
@@ -63,18 +66,21 @@ local function period_of(now_ms, anchor)
     days_from_civil(ny, nm, anchor) * 86400000
 end
 
-local WF = {'p', 'mg', 'mu', 'mh', 'tb', 'th', 'tu', 'cu', 'ch'}
+local WF = {'p', 'mg', 'mu', 'mh', 'tb', 'th', 'tu', 'cu', 'ch', 'mx', 'ou', 'oh'}
 
 -- Load a wallet, rolling its monthly fields into period `pid` when they belong to an
 -- older one (the lazy reset: unused monthly tokens do not roll over; top-ups stay).
 -- `grant` is the monthly allowance for a new period (org: plan; team/seat: 0).
 local function wallet_load(bal, pfx, pid, grant)
   local v = redis.call('HMGET', bal, pfx .. 'p', pfx .. 'mg', pfx .. 'mu', pfx .. 'mh',
-    pfx .. 'tb', pfx .. 'th', pfx .. 'tu', pfx .. 'cu', pfx .. 'ch')
+    pfx .. 'tb', pfx .. 'th', pfx .. 'tu', pfx .. 'cu', pfx .. 'ch', pfx .. 'mx', pfx .. 'ou',
+    pfx .. 'oh')
   local w = {bal = bal, pfx = pfx, dirty = false, rolled = false}
   for i = 1, #WF do w[WF[i]] = N(v[i]) end
   if v[1] == false or N(v[1]) ~= pid then
+    w.prev_ou, w.prev_p = w.ou, w.p
     w.p = pid; w.mg = grant; w.mu = 0; w.mh = 0; w.tu = 0; w.cu = 0; w.ch = 0
+    w.mx = 0; w.ou = 0; w.oh = 0
     w.dirty = true
     w.rolled = (v[1] ~= false)
   end
@@ -86,7 +92,8 @@ local function wallet_save(w)
   local p = w.pfx
   redis.call('HSET', w.bal, p .. 'p', I(w.p), p .. 'mg', I(w.mg), p .. 'mu', I(w.mu),
     p .. 'mh', I(w.mh), p .. 'tb', I(w.tb), p .. 'th', I(w.th), p .. 'tu', I(w.tu),
-    p .. 'cu', I(w.cu), p .. 'ch', I(w.ch))
+    p .. 'cu', I(w.cu), p .. 'ch', I(w.ch), p .. 'mx', I(w.mx), p .. 'ou', I(w.ou),
+    p .. 'oh', I(w.oh))
   w.dirty = false
 end
 
@@ -113,7 +120,7 @@ local function settle_debt(w, debt)
   return debt
 end
 
--- Monthly grant of the org wallet for meter m from the org's configuration hash.
+-- Monthly grant of the org's plan for meter m (before allocations to teams).
 local function org_grant(cfg, m)
   local v = redis.call('HMGET', cfg, 'am:' .. m, 'ap:' .. m, 'seats')
   return N(v[1]) + N(v[2]) * N(v[3])
@@ -132,25 +139,42 @@ end
 -- allocation template for the meter (cfg 'tmpl:<meter>'), a team member does not fall
 -- through to the org's monthly or top-up pool.
 local function chain_load(ctx)
+  local m, te = ctx.meter, ctx.te
+  -- One read of the org's configuration for this meter: plan grant, allocations to
+  -- teams (template), this team's allocation, the overage cap and price.
+  local c = redis.call('HMGET', ctx.cfg, 'am:' .. m, 'ap:' .. m, 'seats', 'alt:' .. m,
+    'tmpl:' .. m, 'al:' .. m .. ':' .. te, 'oc:' .. m, 'op:' .. m, 'obe:' .. m)
+  ctx.plan_grant = N(c[1]) + N(c[2]) * N(c[3])
+  ctx.allocated = N(c[4])
+  ctx.template = (c[5] ~= false)
+  ctx.ocap, ctx.oprice, ctx.obill_every = N(c[7]), N(c[8]), N(c[9])
   local ws = {}
   if ctx.se ~= '' then
-    ws[#ws + 1] = wallet_load(ctx.bal, level_pfx('S', ctx.te, ctx.se), ctx.pid, 0)
+    ws[#ws + 1] = wallet_load(ctx.bal, level_pfx('S', te, ctx.se), ctx.pid, 0)
     ws[#ws].level = 'S'
   end
-  if ctx.te ~= '' then
-    ws[#ws + 1] = wallet_load(ctx.bal, level_pfx('T', ctx.te, ctx.se), ctx.pid, 0)
+  if te ~= '' then
+    ws[#ws + 1] = wallet_load(ctx.bal, level_pfx('T', te, ctx.se), ctx.pid, N(c[6]))
     ws[#ws].level = 'T'
   end
-  local ow = wallet_load(ctx.bal, '', ctx.pid, org_grant(ctx.cfg, ctx.meter))
+  local ow = wallet_load(ctx.bal, '', ctx.pid, ctx.plan_grant - ctx.allocated)
   ow.level = 'O'
   ws[#ws + 1] = ow
   ctx.d = settle_debt(ow, N(redis.call('HGET', ctx.bal, 'd')))
   ctx.org = ow
-  ctx.no_org_pool = (ctx.te ~= '' and redis.call('HEXISTS', ctx.cfg, 'tmpl:' .. ctx.meter) == 1)
+  -- Where the org allocates this meter to teams, a team's allocation is its budget: its
+  -- members do not fall through to the org's monthly or top-up pool (overage they may use).
+  ctx.no_org_pool = (te ~= '' and ctx.template)
   return ws
 end
 
-local function chain_available(ctx, ws)
+local function avail_o(ctx)
+  local a = ctx.ocap - ctx.org.ou - ctx.org.oh
+  if a < 0 then return 0 end
+  return a
+end
+
+local function chain_available(ctx, ws, without_overage)
   local total = 0
   for i = 1, #ws do
     local w = ws[i]
@@ -158,7 +182,8 @@ local function chain_available(ctx, ws)
       total = total + avail_m(w) + avail_t(w)
     end
   end
-  return total
+  if without_overage then return total end
+  return total + avail_o(ctx)
 end
 
 local function chain_save(ctx, ws)
@@ -184,6 +209,11 @@ local function chain_hold(ctx, ws, amount)
         takes[#takes + 1] = {w.level .. 't', w.p, y}
       end
     end
+  end
+  local z = math.min(left, avail_o(ctx))
+  if z > 0 then
+    ctx.org.oh = ctx.org.oh + z; ctx.org.dirty = true; left = left - z
+    takes[#takes + 1] = {'Oo', ctx.org.p, z}
   end
   return takes, amount - left
 end
@@ -223,7 +253,7 @@ end
 
 -- Canonical burn order of bucket codes; 'D' (debt) comes last, so a refund, which walks
 -- this order backwards, pays debt back first, then org top-up, org monthly, team, seat.
-local BURN_RANK = {Sm = 1, St = 2, Tm = 3, Tt = 4, Om = 5, Ot = 6, D = 7}
+local BURN_RANK = {Sm = 1, St = 2, Tm = 3, Tt = 4, Om = 5, Ot = 6, Oo = 7, D = 8}
 
 local function takes_in_burn_order(takes)
   table.sort(takes, function(a, b)
@@ -249,18 +279,29 @@ local function release_take(ws, take, x)
   local kind = string.sub(take[1], 2, 2)
   if kind == 'm' then
     if w.p == take[2] then w.mh = math.max(0, w.mh - x); w.dirty = true end
+  elseif kind == 'o' then
+    if w.p == take[2] then w.oh = math.max(0, w.oh - x); w.dirty = true end
   else
     w.th = math.max(0, w.th - x); w.dirty = true
   end
 end
 
+-- Overage tokens used are billed: their price accrues in ctx.billed (micros).
+local function overage_used(ctx, x)
+  ctx.org.ou = ctx.org.ou + x; ctx.org.dirty = true
+  ctx.billed = (ctx.billed or 0) + x * ctx.oprice
+end
+
 -- Turn x held tokens of a take into usage.
-local function charge_take(ws, take, x)
+local function charge_take(ctx, ws, take, x)
   local w = wallet_of(ws, take[1])
   if not w or x <= 0 then return end
   local kind = string.sub(take[1], 2, 2)
   if kind == 'm' then
     if w.p == take[2] then w.mh = math.max(0, w.mh - x); w.mu = w.mu + x; w.dirty = true end
+  elseif kind == 'o' then
+    if w.p == take[2] then w.oh = math.max(0, w.oh - x) end
+    overage_used(ctx, x)
   else
     w.th = math.max(0, w.th - x); w.tb = w.tb - x
     if w.p == take[2] then w.tu = w.tu + x end
@@ -288,6 +329,11 @@ local function chain_charge_free(ctx, ws, amount)
       end
     end
   end
+  local z = math.min(left, avail_o(ctx))
+  if z > 0 then
+    overage_used(ctx, z); left = left - z
+    takes[#takes + 1] = {'Oo', ctx.org.p, z}
+  end
   if left > 0 then
     ctx.d = ctx.d + left
     takes[#takes + 1] = {'D', 0, left}
@@ -304,6 +350,11 @@ local function credit_take(ctx, ws, take, x)
   local kind = string.sub(take[1], 2, 2)
   if kind == 'm' then
     if w.p == take[2] then w.mu = math.max(0, w.mu - x); w.dirty = true end
+  elseif kind == 'o' then
+    if w.p == take[2] then
+      w.ou = math.max(0, w.ou - x); w.dirty = true
+      ctx.billed = (ctx.billed or 0) - x * ctx.oprice
+    end
   else
     w.tb = w.tb + x
     if w.p == take[2] then w.tu = math.max(0, w.tu - x) end
@@ -324,8 +375,9 @@ local function chain_view(ctx, ws, meter, room, pstart, pend)
   end
   local remaining = chain_available(ctx, ws)
   if room >= 0 and room < remaining then remaining = room end
-  return {meter, I(mu + tu + ctx.d), I(mg + tb + tu), I(remaining), I(mh + th), I(mg), I(mu),
-    I(tb), '0', '0', I(ctx.d), I(pstart), I(pend)}
+  local ou, oh = ctx.org.ou, ctx.org.oh
+  return {meter, I(mu + tu + ou + ctx.d), I(mg + tb + tu), I(remaining), I(mh + th + oh), I(mg),
+    I(mu), I(tb), I(ou), I(ctx.ocap), I(ctx.d), I(pstart), I(pend)}
 end
 
 -- Seat cap: limit for the seat and meter, or -1 when unlimited (the default).
@@ -558,7 +610,67 @@ end
 
 -- One call after every change of a wallet: org wallet events, then reactivations when
 -- something came back (or a new period began).
+-- Overage billing: every overage token used costs its price; each time the unbilled amount
+-- reaches bill_every, overage.threshold_reached carries the amount to bill. At the first
+-- touch of a new period, overage.period_closed carries the rest of the old one.
+local function overage_events(ctx, now)
+  local ow = ctx.org
+  if not ow then return end
+  local o = org_of(ctx)
+  if ow.rolled and ctx.kind ~= 'g' then
+    local rest = N(redis.call('HGET', ctx.bal, 'oub'))
+    if rest > 0 or N(ow.prev_ou) > 0 then
+      emit(ctx.bal, 'overage.period_closed', 'overage.period_closed:' .. o .. ':' .. ctx.meter
+        .. ':' .. I(ow.prev_p), o, {meter = unesc(ctx.meter), amount_micros = I(rest),
+        overage_tokens = I(N(ow.prev_ou))}, now)
+      redis.call('HSET', ctx.bal, 'oub', '0')
+    end
+  end
+  local billed = ctx.billed or 0
+  ctx.billed = 0
+  if billed == 0 then return end
+  local unbilled = N(redis.call('HINCRBY', ctx.bal, 'oub', I(billed)))
+  if ctx.obill_every > 0 and unbilled >= ctx.obill_every then
+    local seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
+    emit(ctx.bal, 'overage.threshold_reached', 'overage.threshold_reached:' .. o .. ':'
+      .. ctx.meter .. ':' .. I(seq), o, {meter = unesc(ctx.meter), amount_micros = I(unbilled),
+      overage_tokens = I(ow.ou)}, now)
+    redis.call('HSET', ctx.bal, 'oub', '0')
+  end
+end
+
+-- Auto top-up: when what the org wallet has free (monthly + top-up, after holds) falls
+-- below the threshold, ask the billing system for a purchase — once per crossing, not
+-- within the cooldown, at most max_per_period times a period. State in bal 'atu':
+-- "<below 0|1>|<last request ms>|<period>|<requests this period>".
+local function auto_topup(ctx, now)
+  local spec = redis.call('HGET', ctx.cfg, 'atu:' .. ctx.meter)
+  if not spec or not ctx.org then return end
+  local threshold, amount, enabled, cooldown, maxn = string.match(spec,
+    '^(%d+)|(%d+)|(%d)|(%d+)|(%d+)$')
+  if enabled ~= '1' then return end
+  local free = avail_m(ctx.org) + avail_t(ctx.org)
+  local st = redis.call('HGET', ctx.bal, 'atu') or '0|0|0|0'
+  local below, last, per, count = string.match(st, '^(%d)|(%-?%d+)|(%-?%d+)|(%d+)$')
+  last, per, count = tonumber(last), tonumber(per), tonumber(count)
+  if per ~= ctx.pid then per = ctx.pid; count = 0 end
+  local now_below = free < tonumber(threshold)
+  if now_below and below == '0' then
+    if now - last >= tonumber(cooldown) and (tonumber(maxn) == 0 or count < tonumber(maxn)) then
+      count = count + 1; last = now
+      local o = org_of(ctx)
+      emit(ctx.bal, 'auto_topup.requested', 'auto_topup.requested:' .. o .. ':' .. ctx.meter
+        .. ':' .. I(ctx.pid) .. ':' .. I(count), o, {meter = unesc(ctx.meter),
+        amount = amount, threshold = threshold, available = I(free)}, now)
+    end
+  end
+  local new = (now_below and '1' or '0') .. '|' .. I(last) .. '|' .. I(per) .. '|' .. I(count)
+  if new ~= st then redis.call('HSET', ctx.bal, 'atu', new) end
+end
+
 after_change = function(ctx, now, refilled)
+  overage_events(ctx, now)
   wallet_events(ctx, now)
+  auto_topup(ctx, now)
   if refilled or (ctx.org and ctx.org.rolled) then reactivate_all(ctx, now) end
 end

@@ -151,6 +151,9 @@ for i = 1, n do
   elseif allow_partial and n == 1 and can > 0 then
     grants[i] = can
   else
+    if why ~= 'seat' and redis.call('HEXISTS', cfg, 'oc:' .. charges[i].meter) == 1 then
+      why = 'overage'
+    end
     return deny(why, false, ctxs, wss)
   end
 end
