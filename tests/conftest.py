@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 
+from cluster_server import RedisCluster
 from quotagate import catalog
 from quotagate.app import App
 from quotagate.clock import ManualClock
@@ -28,17 +31,25 @@ def ms(y: int, m: int, d: int, hh: int = 0) -> int:
     return int(dt.datetime(y, m, d, hh, tzinfo=dt.UTC).timestamp() * 1000)
 
 
+#: QUOTAGATE_TEST_REDIS=cluster runs the same tests on a 3-master Redis Cluster.
+CLUSTER = os.environ.get("QUOTAGATE_TEST_REDIS", "") == "cluster"
+
+
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
+def redis_server() -> Iterator[Any]:
+    srv = RedisCluster().start() if CLUSTER else RedisServer().start()
     yield srv
     srv.close()
 
 
 @pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Any]:
-    r = aioredis.Redis.from_url(redis_server.url)
-    await r.flushall()
+async def redis(redis_server: Any) -> AsyncIterator[Any]:
+    if CLUSTER:
+        r = aiocluster.RedisCluster.from_url(redis_server.seed_url)
+        await r.flushall(target_nodes=aiocluster.RedisCluster.PRIMARIES)
+    else:
+        r = aioredis.Redis.from_url(redis_server.url)
+        await r.flushall()
     yield r
     await r.aclose()
 
@@ -73,7 +84,7 @@ class Grpc:
 
 
 @pytest.fixture
-async def server(redis_server: RedisServer, redis: Any, clock: ManualClock) -> AsyncIterator[Grpc]:
+async def server(redis_server: Any, redis: Any, clock: ManualClock) -> AsyncIterator[Grpc]:
     settings = Settings(listen="127.0.0.1:0", redis_url=redis_server.url, shards=64,
                         sweep_interval_ms=600_000, grace_seconds=0)
     app = await App(settings, clock=clock).start()

@@ -13,14 +13,17 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from quotagate import catalog as catalog_mod
 from quotagate.clock import Clock, SystemClock
 from quotagate.embedded import EmbeddedRedis
 from quotagate.errors import QuotagateError
+from quotagate.events.notifier import Notifier, NotifierOptions
 from quotagate.ledger.keys import Keys
 from quotagate.ledger.model import SeatLimit
 from quotagate.ledger.store import Ledger, LedgerOptions
+from quotagate.server import auth
 from quotagate.server.admin import AdminServicer
 from quotagate.server.health import Health
 from quotagate.server.quota import QuotaServicer
@@ -41,18 +44,29 @@ class App:
         self.ledger: Ledger | None = None
         self.health: Health | None = None
         self.server: grpc.aio.Server | None = None
+        self.notifier: Notifier | None = None
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
 
     def redis_client(self, url: str) -> Any:
+        """A pooled client: `redis+cluster://h1:p1,h2:p2` (or `rediss+cluster://`) is a
+        Redis Cluster seeded from those nodes; anything else a single server."""
         timeout = self.settings.redis_timeout_ms / 1000
-        return aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry_on_timeout=False, max_connections=256)
+        opts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        scheme, _, rest = url.partition("://")
+        if scheme in ("redis+cluster", "rediss+cluster"):
+            nodes = [ClusterNode(h, int(p)) for h, _, p in
+                     (n.rpartition(":") for n in rest.split("/")[0].split(","))]
+            return RedisCluster(startup_nodes=nodes, ssl=scheme.startswith("rediss"),
+                                max_connections=256, **opts)
+        return aioredis.Redis.from_url(url, retry_on_timeout=False, max_connections=256, **opts)
 
     async def start(self) -> App:
         s = self.settings
+        keyring = auth.keyring_for(s)  # ConfigError off loopback without API keys
+        credentials = auth.server_credentials(s)
+        notify = NotifierOptions.from_settings(s) if s.notify_in_process else None
         cat = catalog_mod.load(s.catalog)
         url = s.redis_url
         if not url:
@@ -67,7 +81,9 @@ class App:
         else:
             log.error("redis at %s is not answering; serving NOT_SERVING until it does", url)
 
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        interceptors = [auth.AuthInterceptor(auth.Authorizer(
+            keyring, self.redis, self.ledger.keys))] if keyring else None
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(self.ledger), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.ledger), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
@@ -76,7 +92,8 @@ class App:
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(s.listen)
+        self.port = (server.add_secure_port(s.listen, credentials) if credentials
+                     else server.add_insecure_port(s.listen))
         if not self.port:
             raise QuotagateError(f"cannot listen on {s.listen}", "QUOTAGATE_LISTEN")
         await server.start()
@@ -84,6 +101,9 @@ class App:
         await self.health.update()
         self._tasks = [asyncio.create_task(self.health.run(), name="health"),
                        asyncio.create_task(self._sweeper(), name="sweeper")]
+        if notify is not None and notify.urls:
+            self.notifier = Notifier(self.redis, self.ledger.keys, notify)
+            self._tasks.append(asyncio.create_task(self.notifier.run(), name="notifier"))
         host = s.listen.rpartition(":")[0]
         log.info("quotagate serving on %s:%d (redis %s)", host, self.port,
                  "embedded" if self.embedded else "external")

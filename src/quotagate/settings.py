@@ -4,10 +4,10 @@ A bad value raises ConfigError naming the variable."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from quotagate.errors import ConfigError
 
@@ -30,6 +30,21 @@ class Settings(BaseSettings):
     sweep_interval_ms: int = Field(1000, ge=10, le=600000, description="how often expired holds are swept")
     grace_seconds: float = Field(5.0, ge=0, le=300, description="drain time on SIGTERM before in-flight RPCs are cut")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    # -- events: the notifier (webhooks) ---------------------------------------------------
+    webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated http(s) URLs every event is POSTed to (HMAC-signed)")
+    webhook_secret: str = Field("", repr=False, description="HMAC-SHA256 key of X-Quotagate-Signature; required with webhook URLs")
+    webhook_timeout_ms: int = Field(5000, ge=10, le=300000, description="per-request timeout of a webhook POST")
+    webhook_retry_base_ms: int = Field(500, ge=0, le=3600000, description="first retry delay; doubles each attempt")
+    webhook_retry_max_ms: int = Field(60000, ge=0, le=3600000, description="longest delay between two attempts")
+    webhook_max_attempts: int = Field(8, ge=1, le=100, description="attempts per event and URL before the dead-letter stream")
+    notify_poll_ms: int = Field(200, ge=1, le=60000, description="how often the notifier looks for new events when idle")
+    notify_claim_idle_ms: int = Field(60000, ge=1, le=86400000, description="events pending this long at a dead notifier are claimed by another")
+    notify_in_process: bool = Field(True, description="run the notifier inside `serve` (false: run `quotagate notify` separately)")
+    # -- security ------------------------------------------------------------------------
+    api_keys_file: str = Field("", description="TOML or JSON file of API keys (name, sha256, role, org, team); empty: auth off, loopback only")
+    tls_cert: str = Field("", description="PEM server certificate (chain); with QUOTAGATE_TLS_KEY turns TLS on")
+    tls_key: str = Field("", description="PEM private key of QUOTAGATE_TLS_CERT")
+    tls_client_ca: str = Field("", description="PEM CA bundle: when set, clients must present a certificate it signed (mTLS)")
 
     @field_validator("listen", "metrics_listen")
     @classmethod
@@ -42,8 +57,10 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str) -> str:
-        if v and not v.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
-            raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
+        if v and not v.startswith(("redis://", "rediss://", "unix://", "redis+cluster://",
+                                   "rediss+cluster://")):
+            raise ValueError("must start with redis://, rediss://, unix://, "
+                             "redis+cluster:// or rediss+cluster://")
         return v
 
     @field_validator("database_url")
@@ -51,6 +68,21 @@ class Settings(BaseSettings):
     def _database_url(cls, v: str) -> str:
         if v and not v.startswith(("postgresql://", "postgres://", "sqlite:///")):
             raise ValueError("must start with postgresql:// or sqlite:///")
+        return v
+
+    @field_validator("webhook_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [u.strip() for u in v.split(",") if u.strip()]
+        return v
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for u in v:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"{u!r} must start with http:// or https://")
         return v
 
     @field_validator("log_level")

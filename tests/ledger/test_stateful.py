@@ -9,9 +9,11 @@ import asyncio
 import datetime as dt
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -24,6 +26,8 @@ from hypothesis.stateful import (
     rule,
 )
 
+from cluster_server import RedisCluster
+from conftest import CLUSTER
 from quotagate import catalog
 from quotagate.clock import ManualClock
 from quotagate.ledger.keys import Keys
@@ -353,7 +357,10 @@ class LedgerMachine(RuleBasedStateMachine):
                              LedgerOptions(default_ttl_s=TTL_S))
 
         async def go() -> None:
-            await REDIS.flushall()
+            if CLUSTER:
+                await REDIS.flushall(target_nodes=aiocluster.RedisCluster.PRIMARIES)
+            else:
+                await REDIS.flushall()
             await self.ledger.upsert_plan("p", [Allowance(M, MONTHLY)])
             await self.ledger.upsert_org("org", "p")
             await self.ledger.upsert_team("org", "t1")
@@ -474,9 +481,10 @@ REDIS: aioredis.Redis
 @pytest.fixture(scope="module")
 def machine_env():  # type: ignore[no-untyped-def]
     global LOOP, REDIS
-    srv = RedisServer().start()
+    srv: Any = RedisCluster().start() if CLUSTER else RedisServer().start()
     LOOP = asyncio.new_event_loop()
-    REDIS = aioredis.Redis.from_url(srv.url)
+    REDIS = (aiocluster.RedisCluster.from_url(srv.seed_url) if CLUSTER
+             else aioredis.Redis.from_url(srv.url))
     yield
     LOOP.run_until_complete(REDIS.aclose())
     LOOP.close()

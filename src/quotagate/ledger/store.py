@@ -3,6 +3,7 @@ scripts' replies into model objects. The runtime operations are exactly one roun
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from quotagate.clock import Clock
 from quotagate.errors import BY_CODE, InvalidArgument, NotFound, QuotagateError, Unavailable
@@ -87,6 +89,7 @@ class Ledger:
         self.opt = options or LedgerOptions()
         self.scripts = Scripts(redis)
         self._kind = {m: k.value for m, k in catalog.meters.items()}
+        self.cluster = isinstance(redis, RedisClusterClient)
         self._emeter = {m: escape(m) for m in catalog.meters}
 
     async def _call(self, aw: Awaitable[T]) -> T:
@@ -258,14 +261,24 @@ class Ledger:
             self.opt.ledger_maxlen, k.prefix(shard)])))
 
     async def sweep_all(self) -> int:
-        """One pass of the sweeper over every shard, pipelined (one round trip per node)."""
+        """One pass of the sweeper over every shard: pipelined on a single Redis (one round
+        trip); on a cluster, where EVALSHA cannot be pipelined, concurrent calls."""
         k, now = self.keys, self.clock.now_ms()
+
+        def args(shard: int) -> list[Any]:
+            return [now, self.opt.sweep_batch, self.opt.retain_ms, self.opt.ledger_maxlen,
+                    k.prefix(shard)]
+
         async def run() -> int:
+            if self.cluster:
+                counts = await asyncio.gather(*(
+                    self.scripts.sweep(keys=[k.expiries(s)], args=args(s))
+                    for s in range(k.shards)))
+                return sum(int(x) for x in counts)
             pipe = self.redis.pipeline(transaction=False)
             for shard in range(k.shards):
-                await self.scripts.sweep(keys=[k.expiries(shard)], args=[
-                    now, self.opt.sweep_batch, self.opt.retain_ms, self.opt.ledger_maxlen,
-                    k.prefix(shard)], client=pipe)
+                await self.scripts.sweep(keys=[k.expiries(shard)], args=args(shard),
+                                         client=pipe)
             return sum(int(x) for x in await pipe.execute())
         return await self._call(run())
 
@@ -285,16 +298,13 @@ class Ledger:
                                       f"allowances[{i}].meter")
             seen.add(a.meter)
         key = self.keys.plan(name)
-
-        async def write() -> bool:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.exists(key)
-            pipe.delete(key)
-            pipe.hset(key, mapping={"_": "1", **{a.meter: f"{a.monthly}:{a.per_seat}"
-                                                 for a in items}})
-            created = not (await pipe.execute())[0]
-            return created
-        created = await self._call(write())
+        before = await self._call(self.redis.hgetall(key))
+        fields = {"_": "1", **{a.meter: f"{a.monthly}:{a.per_seat}" for a in items}}
+        await self._call(self.redis.hset(key, mapping=fields))
+        stale = [f for f in before if _s(f) not in fields]
+        if stale:
+            await self._call(self.redis.hdel(key, *stale))
+        created = not before
         orgs = await self._call(self.redis.smembers(self.keys.plan_orgs(name)))
         for org in orgs:
             org_id = _s(org)
