@@ -74,7 +74,8 @@ class App:
             url = await asyncio.to_thread(self.embedded.start)
         self.redis = self.redis_client(url)
         self.ledger = Ledger(self.redis, cat.catalog, self.clock, Keys(s.shards), LedgerOptions(
-            default_ttl_s=s.default_ttl_seconds, max_ttl_s=s.max_ttl_seconds))
+            default_ttl_s=s.default_ttl_seconds, max_ttl_s=s.max_ttl_seconds,
+            low_thresholds=tuple(int(t) for t in s.low_thresholds.split(","))))
         self.health = Health(self.ledger)
         if await self.health.probe():
             await self._apply_catalog(cat)

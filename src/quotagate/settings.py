@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     sweep_interval_ms: int = Field(1000, ge=10, le=600000, description="how often expired holds are swept")
     grace_seconds: float = Field(5.0, ge=0, le=300, description="drain time on SIGTERM before in-flight RPCs are cut")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    low_thresholds: str = Field("80", description="wallet.low fires at these % used (comma separated, e.g. 80,95)")
     # -- events: the notifier (webhooks) ---------------------------------------------------
     webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated http(s) URLs every event is POSTed to (HMAC-signed)")
     webhook_secret: str = Field("", repr=False, description="HMAC-SHA256 key of X-Quotagate-Signature; required with webhook URLs")
@@ -84,6 +85,14 @@ class Settings(BaseSettings):
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"{u!r} must start with http:// or https://")
         return v
+
+    @field_validator("low_thresholds")
+    @classmethod
+    def _thresholds(cls, v: str) -> str:
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() and 1 <= int(p) <= 100 for p in parts):
+            raise ValueError("must be percentages from 1 to 100, comma separated")
+        return ",".join(str(int(p)) for p in sorted(parts, key=int))
 
     @field_validator("log_level")
     @classmethod

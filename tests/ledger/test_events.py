@@ -104,3 +104,20 @@ async def test_refund_brings_an_assistant_back(ledger: Ledger, redis: Any) -> No
     assert types(await events(ledger, redis, "o"))[-1] == "assistant.reactivated"
     assert (await ledger.reserve(bot, [Charge(M, 40)], idempotency_key="b")).decision \
         is Decision.GRANTED
+
+
+async def test_low_thresholds_are_configurable(redis: Any, clock: ManualClock) -> None:
+    from quotagate import catalog
+    from quotagate.ledger.keys import Keys
+    from quotagate.ledger.store import LedgerOptions
+
+    ledger = Ledger(redis, catalog.load(None).catalog, clock, Keys(8),
+                    LedgerOptions(low_thresholds=(50, 90)))
+    await ledger.upsert_plan("k", [Allowance(M, 100)])
+    await ledger.upsert_org("t", "k")
+    s = Subject("t")
+    await use(ledger, s, 60, "a")
+    await use(ledger, s, 35, "b")
+    lows = [a["threshold_percent"] for t, _, a in await events(ledger, redis, "t")
+            if t == "wallet.low"]
+    assert lows == ["50", "90"]
