@@ -38,7 +38,7 @@ for i = 1, n do
   local ws = chain_load(ctx)
   chain_save(ctx, ws)
   after_change(ctx, now, false)
-  out[i] = chain_view(ctx, ws, meter, seat_room(ws, se, seat_limit(cfg, se, meter)),
+  out[i] = chain_view(ctx, ws, meter, seat_room(ws, se, seat_limit(cfg, se, meter, ctx)),
     ctx.pstart, ctx.pend)
 end
 return {'OK', out}

@@ -45,7 +45,7 @@ local function answer(state)
     chain_save(ctx, ws)
     out[#out + 1] = h['m' .. i]
     out[#out + 1] = N(h['c' .. i])
-    local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h['m' .. i]))
+    local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h['m' .. i], ctx))
     bals[i] = chain_view(ctx, ws, h['m' .. i], room, ctx.pstart, ctx.pend)
   end
   return {'OK', HOLD_STATE[state], out, bals}

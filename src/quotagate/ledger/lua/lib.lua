@@ -71,11 +71,15 @@ local WF = {'p', 'mg', 'mu', 'mh', 'tb', 'th', 'tu', 'cu', 'ch', 'mx', 'ou', 'oh
 -- Load a wallet, rolling its monthly fields into period `pid` when they belong to an
 -- older one (the lazy reset: unused monthly tokens do not roll over; top-ups stay).
 -- `grant` is the monthly allowance for a new period (org: plan; team/seat: 0).
-local function wallet_load(bal, pfx, pid, grant)
+-- `extra` names more fields of the hash to read in the same HMGET (w.extra[name]).
+local function wallet_load(bal, pfx, pid, grant, extra)
   local v = redis.call('HMGET', bal, pfx .. 'p', pfx .. 'mg', pfx .. 'mu', pfx .. 'mh',
     pfx .. 'tb', pfx .. 'th', pfx .. 'tu', pfx .. 'cu', pfx .. 'ch', pfx .. 'mx', pfx .. 'ou',
-    pfx .. 'oh')
-  local w = {bal = bal, pfx = pfx, dirty = false, rolled = false}
+    pfx .. 'oh', unpack(extra or {}))
+  local w = {bal = bal, pfx = pfx, dirty = false, rolled = false, extra = {}}
+  if extra then
+    for i = 1, #extra do w.extra[extra[i]] = v[#WF + i] end
+  end
   for i = 1, #WF do w[WF[i]] = N(v[i]) end
   if v[1] == false or N(v[1]) ~= pid then
     w.prev_ou, w.prev_p = w.ou, w.p
@@ -87,13 +91,21 @@ local function wallet_load(bal, pfx, pid, grant)
   return w
 end
 
-local function wallet_save(w)
-  if not w.dirty then return end
+-- `debt`: the org wallet also writes the org's debt in the same HSET.
+local function wallet_save(w, debt)
+  if not w.dirty and debt == nil then return end
   local p = w.pfx
-  redis.call('HSET', w.bal, p .. 'p', I(w.p), p .. 'mg', I(w.mg), p .. 'mu', I(w.mu),
-    p .. 'mh', I(w.mh), p .. 'tb', I(w.tb), p .. 'th', I(w.th), p .. 'tu', I(w.tu),
-    p .. 'cu', I(w.cu), p .. 'ch', I(w.ch), p .. 'mx', I(w.mx), p .. 'ou', I(w.ou),
-    p .. 'oh', I(w.oh))
+  if debt ~= nil then
+    redis.call('HSET', w.bal, p .. 'p', I(w.p), p .. 'mg', I(w.mg), p .. 'mu', I(w.mu),
+      p .. 'mh', I(w.mh), p .. 'tb', I(w.tb), p .. 'th', I(w.th), p .. 'tu', I(w.tu),
+      p .. 'cu', I(w.cu), p .. 'ch', I(w.ch), p .. 'mx', I(w.mx), p .. 'ou', I(w.ou),
+      p .. 'oh', I(w.oh), 'd', I(debt))
+  else
+    redis.call('HSET', w.bal, p .. 'p', I(w.p), p .. 'mg', I(w.mg), p .. 'mu', I(w.mu),
+      p .. 'mh', I(w.mh), p .. 'tb', I(w.tb), p .. 'th', I(w.th), p .. 'tu', I(w.tu),
+      p .. 'cu', I(w.cu), p .. 'ch', I(w.ch), p .. 'mx', I(w.mx), p .. 'ou', I(w.ou),
+      p .. 'oh', I(w.oh))
+  end
   w.dirty = false
 end
 
@@ -143,11 +155,16 @@ local function chain_load(ctx)
   -- One read of the org's configuration for this meter: plan grant, allocations to
   -- teams (template), this team's allocation, the overage cap and price.
   local c = redis.call('HMGET', ctx.cfg, 'am:' .. m, 'ap:' .. m, 'seats', 'alt:' .. m,
-    'tmpl:' .. m, 'al:' .. m .. ':' .. te, 'oc:' .. m, 'op:' .. m, 'obe:' .. m)
+    'tmpl:' .. m, 'al:' .. m .. ':' .. te, 'oc:' .. m, 'op:' .. m, 'obe:' .. m, 'lowpct',
+    'atu:' .. m, 'sl:' .. ctx.se .. ':' .. m)
   ctx.plan_grant = N(c[1]) + N(c[2]) * N(c[3])
   ctx.allocated = N(c[4])
   ctx.template = (c[5] ~= false)
   ctx.ocap, ctx.oprice, ctx.obill_every = N(c[7]), N(c[8]), N(c[9])
+  ctx.lowpct, ctx.atu = c[10] or '80', c[11]
+  -- Seat cap for this meter: -1 when unlimited (no limit set) or no seat.
+  ctx.limit = -1
+  if ctx.se ~= '' and c[12] then ctx.limit = tonumber(c[12]) end
   local ws = {}
   if ctx.se ~= '' then
     ws[#ws + 1] = wallet_load(ctx.bal, level_pfx('S', te, ctx.se), ctx.pid, 0)
@@ -157,10 +174,11 @@ local function chain_load(ctx)
     ws[#ws + 1] = wallet_load(ctx.bal, level_pfx('T', te, ctx.se), ctx.pid, N(c[6]))
     ws[#ws].level = 'T'
   end
-  local ow = wallet_load(ctx.bal, '', ctx.pid, ctx.plan_grant - ctx.allocated)
+  local ow = wallet_load(ctx.bal, '', ctx.pid, ctx.plan_grant - ctx.allocated,
+    {'d', 'ev', 'atu'})
   ow.level = 'O'
   ws[#ws + 1] = ow
-  ctx.d = settle_debt(ow, N(redis.call('HGET', ctx.bal, 'd')))
+  ctx.d = settle_debt(ow, N(ow.extra.d))
   ctx.org = ow
   -- Where the org allocates this meter to teams, a team's allocation is its budget: its
   -- members do not fall through to the org's monthly or top-up pool (overage they may use).
@@ -187,8 +205,14 @@ local function chain_available(ctx, ws, without_overage)
 end
 
 local function chain_save(ctx, ws)
-  for i = 1, #ws do wallet_save(ws[i]) end
-  redis.call('HSET', ctx.bal, 'd', I(ctx.d))
+  for i = 1, #ws do
+    local w = ws[i]
+    if w.level == 'O' then
+      if w.dirty or N(w.extra.d) ~= ctx.d then wallet_save(w, ctx.d); w.extra.d = ctx.d end
+    else
+      wallet_save(w)
+    end
+  end
 end
 
 -- Take up to `amount` from the chain in burn order, holding it (mh/th). Returns the list
@@ -381,8 +405,9 @@ local function chain_view(ctx, ws, meter, room, pstart, pend)
 end
 
 -- Seat cap: limit for the seat and meter, or -1 when unlimited (the default).
-local function seat_limit(cfg, se, meter)
+local function seat_limit(cfg, se, meter, ctx)
   if se == '' then return -1 end
+  if ctx and ctx.limit then return ctx.limit end
   local v = redis.call('HGET', cfg, 'sl:' .. se .. ':' .. meter)
   if v == false then return -1 end
   return tonumber(v)
@@ -526,7 +551,7 @@ local function wallet_events(ctx, now)
   local total = ow.mg + ow.tb + ow.tu
   local used = ow.mu + ow.tu + ctx.d
   local left = (ow.mg - ow.mu) + ow.tb - ctx.d
-  local ev = redis.call('HGET', ctx.bal, 'ev') or ''
+  local ev = ow.extra.ev or ''
   local epid, lows, x = string.match(ev, '^(%-?%d+)|([%d,]*)|(%d)$')
   if epid == nil or tonumber(epid) ~= ctx.pid then
     if epid ~= nil and tonumber(epid) ~= ctx.pid and ctx.kind ~= 'g' then
@@ -538,7 +563,7 @@ local function wallet_events(ctx, now)
   local seen = {}
   for t in string.gmatch(lows, '%d+') do seen[t] = true end
   local changed = (epid == nil or tonumber(epid) ~= ctx.pid)
-  local th = redis.call('HGET', ctx.cfg, 'lowpct') or '80'
+  local th = ctx.lowpct or '80'
   for t in string.gmatch(th, '%d+') do
     if total > 0 and not seen[t] and used * 100 >= tonumber(t) * total then
       seen[t] = true; changed = true
@@ -562,7 +587,8 @@ local function wallet_events(ctx, now)
     local list = {}
     for t in pairs(seen) do list[#list + 1] = t end
     table.sort(list)
-    redis.call('HSET', ctx.bal, 'ev', I(ctx.pid) .. '|' .. table.concat(list, ',') .. '|' .. x)
+    ow.extra.ev = I(ctx.pid) .. '|' .. table.concat(list, ',') .. '|' .. x
+    redis.call('HSET', ctx.bal, 'ev', ow.extra.ev)
   end
 end
 
@@ -644,13 +670,13 @@ end
 -- within the cooldown, at most max_per_period times a period. State in bal 'atu':
 -- "<below 0|1>|<last request ms>|<period>|<requests this period>".
 local function auto_topup(ctx, now)
-  local spec = redis.call('HGET', ctx.cfg, 'atu:' .. ctx.meter)
+  local spec = ctx.atu
   if not spec or not ctx.org then return end
   local threshold, amount, enabled, cooldown, maxn = string.match(spec,
     '^(%d+)|(%d+)|(%d)|(%d+)|(%d+)$')
   if enabled ~= '1' then return end
   local free = avail_m(ctx.org) + avail_t(ctx.org)
-  local st = redis.call('HGET', ctx.bal, 'atu') or '0|0|0|0'
+  local st = ctx.org.extra.atu or '0|0|0|0'
   local below, last, per, count = string.match(st, '^(%d)|(%-?%d+)|(%-?%d+)|(%d+)$')
   last, per, count = tonumber(last), tonumber(per), tonumber(count)
   if per ~= ctx.pid then per = ctx.pid; count = 0 end
@@ -665,7 +691,7 @@ local function auto_topup(ctx, now)
     end
   end
   local new = (now_below and '1' or '0') .. '|' .. I(last) .. '|' .. I(per) .. '|' .. I(count)
-  if new ~= st then redis.call('HSET', ctx.bal, 'atu', new) end
+  if new ~= st then redis.call('HSET', ctx.bal, 'atu', new); ctx.org.extra.atu = new end
 end
 
 after_change = function(ctx, now, refilled)

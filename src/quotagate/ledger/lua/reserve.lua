@@ -56,7 +56,7 @@ local function views(ctxs, wss)
   local out = {}
   for i = 1, n do
     local ctx, ws = ctxs[i], wss[i]
-    local room = seat_room(ws, se, seat_limit(cfg, se, ctx.meter))
+    local room = seat_room(ws, se, seat_limit(cfg, se, ctx.meter, ctx))
     out[i] = chain_view(ctx, ws, ctx.meter, room, ctx.pstart, ctx.pend)
   end
   return out
@@ -141,7 +141,7 @@ end
 local grants, binding = {}, ''
 for i = 1, n do
   local want = charges[i].amount
-  local room = seat_room(wss[i], se, seat_limit(cfg, se, charges[i].meter))
+  local room = seat_room(wss[i], se, seat_limit(cfg, se, charges[i].meter, ctxs[i]))
   local avail = chain_available(ctxs[i], wss[i])
   local can = avail
   local why = 'insufficient'

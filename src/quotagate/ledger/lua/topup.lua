@@ -52,5 +52,5 @@ else
 end
 chain_save(ctx, ws)
 after_change(ctx, now, applied == 1)
-local room = seat_room(ws, se, seat_limit(cfg, se, meter))
+local room = seat_room(ws, se, seat_limit(cfg, se, meter, ctx))
 return {'OK', applied, chain_view(ctx, ws, meter, room, ctx.pstart, ctx.pend)}
