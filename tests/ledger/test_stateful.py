@@ -30,6 +30,7 @@ from cluster_server import RedisCluster
 from conftest import CLUSTER
 from quotagate import catalog
 from quotagate.clock import ManualClock
+from quotagate.errors import FailedPrecondition
 from quotagate.ledger.keys import Keys
 from quotagate.ledger.model import (
     Allowance,
@@ -45,6 +46,7 @@ from redis_server import RedisServer
 M = "message_tokens"
 MONTHLY = 1_000
 SEAT_CAP = 700
+OVERAGE_CAP = 300
 TTL_S = 60
 T0 = int(dt.datetime(2026, 11, 20, tzinfo=dt.UTC).timestamp() * 1000)
 
@@ -69,6 +71,9 @@ class Wallet:
     tu: int = 0
     cu: int = 0
     ch: int = 0
+    mx: int = 0
+    ou: int = 0
+    oh: int = 0
 
     def avail_m(self) -> int:
         return max(0, self.mg - self.mu - self.mh)
@@ -105,6 +110,7 @@ class Model:
         for lvl, w in self.w.items():
             if w.p != pid:
                 w.p, w.mu, w.mh, w.tu, w.cu, w.ch = pid, 0, 0, 0, 0, 0
+                w.mx, w.ou, w.oh = 0, 0, 0
                 w.mg = MONTHLY if lvl == "O" else 0
         self.settle()
 
@@ -118,8 +124,13 @@ class Model:
         o.tu += y
         self.d -= y
 
+    def avail_o(self) -> int:
+        o = self.w["O"]
+        return max(0, OVERAGE_CAP - o.ou - o.oh)
+
     def avail(self, chain: tuple[str, ...]) -> int:
-        return sum(self.w[lvl].avail_m() + self.w[lvl].avail_t() for lvl in chain)
+        return sum(self.w[lvl].avail_m() + self.w[lvl].avail_t() for lvl in chain) \
+            + self.avail_o()
 
     def room(self, chain: tuple[str, ...]) -> int:
         if chain[0] != "S":
@@ -132,6 +143,9 @@ class Model:
             if str(code)[1] == "m":
                 if w.p == pid:
                     w.mh -= int(amt)
+            elif str(code)[1] == "o":
+                if w.p == pid:
+                    w.oh -= int(amt)
             else:
                 w.th -= int(amt)
         if h.chain[0] == "S" and self.w["S"].p == h.hp:
@@ -172,6 +186,11 @@ class Model:
                 w.th += y
                 left -= y
                 takes.append([lvl + "t", w.p, y])
+        z = min(left, self.avail_o())
+        if z:
+            self.w["O"].oh += z
+            left -= z
+            takes.append(["Oo", self.w["O"].p, z])
         assert left == 0
         if chain[0] == "S":
             self.w["S"].ch += amount
@@ -193,6 +212,11 @@ class Model:
                 w.tu += y
                 left -= y
                 takes.append([lvl + "t", w.p, y])
+        z = min(left, self.avail_o())
+        if z:
+            self.w["O"].ou += z
+            left -= z
+            takes.append(["Oo", self.w["O"].p, z])
         if left:
             self.d += left
             takes.append(["D", 0, left])
@@ -218,6 +242,10 @@ class Model:
                         if w.p == pid:
                             w.mh -= x
                             w.mu += x
+                    elif str(code)[1] == "o":
+                        if w.p == pid:
+                            w.oh -= x
+                        w.ou += x
                     else:
                         w.th -= x
                         w.tb -= x
@@ -230,6 +258,9 @@ class Model:
                     if str(code)[1] == "m":
                         if w.p == pid:
                             w.mh -= rest
+                    elif str(code)[1] == "o":
+                        if w.p == pid:
+                            w.oh -= rest
                     else:
                         w.th -= rest
             if h.chain[0] == "S":
@@ -263,7 +294,7 @@ class Model:
             return "R", h.g
         x = h.charged if amount is None else min(h.charged, amount)
         left = x
-        rank = {"Sm": 1, "St": 2, "Tm": 3, "Tt": 4, "Om": 5, "Ot": 6, "D": 7}
+        rank = {"Sm": 1, "St": 2, "Tm": 3, "Tt": 4, "Om": 5, "Ot": 6, "Oo": 7, "D": 8}
         order = sorted(h.xtakes, key=lambda t: (rank[str(t[0])], int(t[1])), reverse=True)
         for code, pid, amt in order:
             y = min(left, int(amt))
@@ -275,6 +306,9 @@ class Model:
                     if str(code)[1] == "m":
                         if w.p == pid:
                             w.mu -= y
+                    elif str(code)[1] == "o":
+                        if w.p == pid:
+                            w.ou = max(0, w.ou - y)
                     else:
                         w.tb += y
                         if w.p == pid:
@@ -319,6 +353,16 @@ class Model:
                         break
                 else:
                     h.takes.append([lvl + kind, w.p, x])
+        z = min(left, self.avail_o())
+        if z:
+            o = self.w["O"]
+            o.oh += z
+            for t in h.takes:
+                if t[0] == "Oo" and t[1] == o.p:
+                    t[2] = int(t[2]) + z
+                    break
+            else:
+                h.takes.append(["Oo", o.p, z])
         if h.chain[0] == "S":
             self.w["S"].ch += add
         h.g += add
@@ -333,9 +377,27 @@ class Model:
         room = self.room(chain)
         if 0 <= room < remaining:
             remaining = room
-        return {"used": mu + tu + self.d, "total": mg + tb + tu, "remaining": remaining,
-                "reserved": sum(w.mh + w.th for w in ws), "monthly_granted": mg,
-                "monthly_used": mu, "topup_remaining": tb, "debt": self.d}
+        o = self.w["O"]
+        return {"used": mu + tu + o.ou + self.d, "total": mg + tb + tu, "remaining": remaining,
+                "reserved": sum(w.mh + w.th for w in ws) + o.oh, "monthly_granted": mg,
+                "monthly_used": mu, "topup_remaining": tb, "debt": self.d,
+                "overage_used": o.ou, "overage_cap": OVERAGE_CAP}
+
+    def transfer(self, src: str, dst: str, bucket: str, amount: int) -> bool:
+        a, b = self.w[src], self.w[dst]
+        free = a.avail_m() if bucket == "monthly" else a.avail_t()
+        if free < amount:
+            return False
+        if bucket == "monthly":
+            a.mg -= amount
+            a.mx += amount
+            b.mg += amount
+            b.mx -= amount
+        else:
+            a.tb -= amount
+            b.tb += amount
+        self.settle()
+        return True
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -365,6 +427,7 @@ class LedgerMachine(RuleBasedStateMachine):
             await self.ledger.upsert_org("org", "p")
             await self.ledger.upsert_team("org", "t1")
             await self.ledger.upsert_seat("org", "s1", "t1", [SeatLimit(M, SEAT_CAP)])
+            await self.ledger.set_overage("org", M, OVERAGE_CAP)
         self.run(go())
         self.model = Model(T0)
         self.resolved: dict[str, int] = {}
@@ -440,6 +503,23 @@ class LedgerMachine(RuleBasedStateMachine):
         # The same purchase again changes nothing.
         assert not self.run(self.ledger.topup("org", M, amount, pid, team, seat)).applied
 
+    @rule(src=st.sampled_from("OTS"), dst=st.sampled_from("OTS"),
+          bucket=st.sampled_from(["monthly", "topup"]), amount=st.integers(1, 600))
+    def transfer(self, src: str, dst: str, bucket: str, amount: int) -> None:
+        if src == dst:
+            return
+        where = {"O": {}, "T": {"team_id": "t1"}, "S": {"seat_id": "s1"}}
+        kw = {f"from_{k}": v for k, v in where[src].items()}
+        kw |= {f"to_{k}": v for k, v in where[dst].items()}
+        key = f"x{next(self.counter)}"
+        self.model.roll(self.clock.now_ms())
+        ok = self.model.transfer(src, dst, bucket, amount)
+        try:
+            self.run(self.ledger.transfer("org", M, amount, bucket, idempotency_key=key, **kw))
+            assert ok, (src, dst, bucket, amount)
+        except FailedPrecondition:
+            assert not ok, (src, dst, bucket, amount)
+
     @rule(seconds=st.sampled_from([1, 30, 61, 3600, 20 * 86400]))
     def advance(self, seconds: int) -> None:
         self.clock.advance(seconds * 1000)
@@ -470,6 +550,8 @@ class LedgerMachine(RuleBasedStateMachine):
         # an expired hold) may pass the cap: it happened, so it is recorded.
         o, s = self.model.w["O"], self.model.w["S"]
         assert o.mu + o.mh <= o.mg
+        assert o.oh + o.ou <= OVERAGE_CAP or any(
+            h.charged > h.g or h.late for h in self.model.holds.values())
         assert s.cu + s.ch <= SEAT_CAP or any(
             h.charged > h.g or h.late for h in self.model.holds.values())
 
