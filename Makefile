@@ -35,10 +35,13 @@ lint: $(STAMP) ## ruff and mypy
 proto: $(STAMP) ## regenerate src/quotagate/v1 from proto/
 	$(PY) scripts/gen_proto.py
 
-bench: $(STAMP) ## Reserve+Commit throughput against the gRPC health check, same server
+bench: $(STAMP) ## scenarios vs the gRPC health-check ceiling, same run: table, bench/results/{report.json,latency.png}
+	$(PY) bench/run.py
+
+bench-quick: $(STAMP) ## one minute: Reserve+Commit RPCs/s against the health check on the same server
 	$(PY) bench/reserve_commit.py
 
 clean: ## remove the virtualenv and the embedded data directory
 	rm -rf $(VENV) .quotagate
 
-.PHONY: help install run test lint proto bench clean
+.PHONY: help install run test lint proto bench bench-quick clean

@@ -1,0 +1,140 @@
+"""Load generator processes for bench/run.py.
+
+Each process owns one asyncio loop and one gRPC channel and runs one of two modes:
+- closed loop (`rate` = 0): `concurrency` callers back to back, for saturation throughput;
+- open loop (`rate` > 0): requests start on a fixed schedule whatever the answers do, so
+  latency is measured at a given offered load (no coordinated omission).
+A request that is a Reserve+Commit counts as two RPCs; its latency is the pair's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from quotagate.v1 import common_pb2, quota_pb2, quota_pb2_grpc
+
+M = "message_tokens"
+SCENARIOS = ("ceiling", "reserve_commit", "check", "get_balance")
+
+
+@dataclass
+class Job:
+    port: int
+    scenario: str
+    seconds: float
+    concurrency: int = 32
+    rate: float = 0.0  # requests per second from this process; 0: closed loop
+    orgs: int = 10_000
+    teams: int = 2
+    seats: int = 5
+    seed: int = 0
+
+
+def subject(rng: random.Random, job: Job) -> common_pb2.Subject:
+    o = rng.randrange(job.orgs)
+    t = rng.randrange(job.teams)
+    s = rng.randrange(job.seats)
+    return common_pb2.Subject(org_id=f"org-{o}", team_id=f"org-{o}-t{t}",
+                              seat_id=f"org-{o}-t{t}-s{s}")
+
+
+def make_call(job: Job, channel: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+    """Returns (async fn() -> number of RPCs done)."""
+    rng = random.Random(job.seed)
+    health = health_pb2_grpc.HealthStub(channel)
+    quota = quota_pb2_grpc.QuotaServiceStub(channel)
+    hreq = health_pb2.HealthCheckRequest()
+    counter = iter(range(10**12))
+    tag = f"{job.seed}-{time.time_ns()}"
+
+    async def ceiling() -> int:
+        await health.Check(hreq)
+        return 1
+
+    async def reserve_commit() -> int:
+        estimate = rng.randint(500, 4_000)  # a conversation turn: ~2,000 tokens
+        r = await quota.Reserve(quota_pb2.ReserveRequest(
+            subject=subject(rng, job), idempotency_key=f"{tag}-{next(counter)}",
+            charges=[common_pb2.Charge(meter=M, amount=estimate)]))
+        if r.reservation_id:
+            used = int(estimate * rng.uniform(0.6, 1.1))
+            await quota.Commit(quota_pb2.CommitRequest(
+                reservation_id=r.reservation_id,
+                actual=[common_pb2.Charge(meter=M, amount=max(used, 1))]))
+            return 2
+        return 1
+
+    async def check() -> int:
+        await quota.Check(quota_pb2.CheckRequest(subject=subject(rng, job), meter=M))
+        return 1
+
+    async def get_balance() -> int:
+        await quota.GetBalance(quota_pb2.GetBalanceRequest(subject=subject(rng, job),
+                                                           meters=[M]))
+        return 1
+
+    return {"ceiling": ceiling, "reserve_commit": reserve_commit, "check": check,
+            "get_balance": get_balance}[job.scenario]
+
+
+async def _run(job: Job) -> dict[str, object]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{job.port}")
+    call = make_call(job, channel)
+    latencies: list[float] = []
+    rpcs = 0
+    errors = 0
+    await call()  # connect and warm
+    start = time.perf_counter()
+    stop = start + job.seconds
+
+    async def one(t_sched: float) -> None:
+        nonlocal rpcs, errors
+        try:
+            done = await call()
+            rpcs += done
+        except grpc.aio.AioRpcError:
+            errors += 1
+        latencies.append(time.perf_counter() - t_sched)
+
+    if job.rate <= 0:
+        async def worker() -> None:
+            while time.perf_counter() < stop:
+                await one(time.perf_counter())
+        await asyncio.gather(*(worker() for _ in range(job.concurrency)))
+    else:
+        interval = 1.0 / job.rate
+        pending: set[asyncio.Task[None]] = set()
+        i = 0
+        while True:
+            t_sched = start + i * interval
+            if t_sched >= stop:
+                break
+            delay = t_sched - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(t_sched))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+        if pending:
+            await asyncio.wait(pending, timeout=30)
+    elapsed = time.perf_counter() - start
+    await channel.close()
+    return {"rpcs": rpcs, "requests": len(latencies), "errors": errors, "elapsed": elapsed,
+            "latencies": latencies}
+
+
+def run(job: Job) -> dict[str, object]:
+    """Process entry point (multiprocessing): one event loop per process."""
+    try:
+        import uvloop
+
+        return uvloop.run(_run(job))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(_run(job))

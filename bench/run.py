@@ -1,0 +1,280 @@
+"""`make bench`: throughput at saturation and latency under load, as ratios to the
+transport's own ceiling measured in the same run.
+
+1. Starts a Redis of its own and `quotagate serve` on it (`--workers N` processes).
+2. Seeds orgs (each with teams and seats) straight through the ledger.
+3. For each scenario — ceiling (gRPC health Check), reserve_commit, check, get_balance —
+   measures saturation throughput with closed-loop generator processes, then p50 / p99 /
+   p99.9 latency with open-loop load at 25 %, 50 % and 75 % of that throughput.
+4. Floor: redis-benchmark running the reserve script itself (EVALSHA), no quotagate.
+5. Checks the load generators are not the bottleneck: the ceiling with one more
+   generator process must not be meaningfully higher.
+6. Prints one table, writes a JSON report and a PNG of latency against load.
+Optional: --scale (cost per Reserve at 1,000 vs 1,000,000 orgs; Redis memory per org).
+Nothing here asserts a time: it measures and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the test suite's redis-server launcher
+sys.path.insert(0, str(ROOT / "bench"))
+
+import redis.asyncio as aioredis  # noqa: E402
+
+import loadgen  # noqa: E402
+from quotagate.catalog import load as load_catalog  # noqa: E402
+from quotagate.clock import SystemClock  # noqa: E402
+from quotagate.ledger.keys import Keys, escape  # noqa: E402
+from quotagate.ledger.model import Allowance  # noqa: E402
+from quotagate.ledger.scripts import source  # noqa: E402
+from quotagate.ledger.store import Ledger  # noqa: E402
+from redis_server import RedisServer  # noqa: E402
+
+M = "message_tokens"
+
+
+def start_quotagate(redis_url: str, workers: int) -> tuple[subprocess.Popen[str], int]:
+    env = {**os.environ, "QUOTAGATE_LISTEN": "127.0.0.1:0", "QUOTAGATE_REDIS_URL": redis_url,
+           "QUOTAGATE_LOG_LEVEL": "INFO", "QUOTAGATE_SYNC_IN_PROCESS": "false",
+           "QUOTAGATE_NOTIFY_IN_PROCESS": "false"}
+    cmd = [sys.executable, "-m", "quotagate", "serve"]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    proc = subprocess.Popen(cmd, env=env, text=True, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        m = re.search(r"serving on [\d.]+:(\d+)", line)
+        if m:
+            import threading
+
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+            return proc, int(m.group(1))
+    raise SystemExit("quotagate serve did not start")
+
+
+async def seed(url: str, orgs: int, teams: int, seats: int) -> None:
+    r = aioredis.Redis.from_url(url, max_connections=64)
+    ledger = Ledger(r, load_catalog(None).catalog, SystemClock())
+    await ledger.upsert_plan("bench", [Allowance(M, 2**40)])
+    sem = asyncio.Semaphore(64)
+
+    async def one(o: int) -> None:
+        async with sem:
+            org = f"org-{o}"
+            await ledger.upsert_org(org, "bench", seats=teams * seats)
+            for t in range(teams):
+                await ledger.upsert_team(org, f"{org}-t{t}", seats)
+                for s in range(seats):
+                    await ledger.upsert_seat(org, f"{org}-t{t}-s{s}", f"{org}-t{t}")
+    await asyncio.gather(*(one(o) for o in range(orgs)))
+    await r.aclose()
+
+
+def drive(port: int, scenario: str, seconds: float, generators: int, concurrency: int,
+          rate: float, a: argparse.Namespace) -> dict[str, Any]:
+    jobs = [loadgen.Job(port=port, scenario=scenario, seconds=seconds, concurrency=concurrency,
+                        rate=rate / generators if rate else 0.0, orgs=a.orgs, teams=a.teams,
+                        seats=a.seats, seed=i + 1) for i in range(generators)]
+    with mp.get_context("spawn").Pool(generators) as pool:
+        results = pool.map(loadgen.run, jobs)
+    lat = sorted(x for r in results for x in r["latencies"])  # type: ignore[attr-defined]
+    elapsed = max(float(r["elapsed"]) for r in results)  # type: ignore[arg-type]
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else 0.0
+
+    return {"rpc_per_s": round(sum(int(r["rpcs"]) for r in results) / elapsed),  # type: ignore[call-overload]
+            "requests_per_s": round(len(lat) / elapsed),
+            "errors": sum(int(r["errors"]) for r in results),  # type: ignore[call-overload]
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999)}
+
+
+def floor(port: int, requests: int) -> dict[str, Any]:
+    """redis-benchmark running the reserve script directly: what Redis alone costs."""
+    import hashlib
+
+    body = source("reserve")
+    sha = hashlib.sha1(body.encode()).hexdigest()
+    k = Keys()
+    org = "org-1"
+    shard = k.shard_of(org)
+    keys = [k.cfg(org), k.prefix(shard) + "idem:org-1:__rand_int__",
+            k.prefix(shard) + f"h:r{shard}.__rand_int__", k.expiries(shard), k.ledger(shard),
+            k.bal(org, M)]
+    argv = ["__now__", "R", f"r{shard}.x__rand_int__", "300000", "0", "fp", "86400000",
+            "100000", k.prefix(shard), escape(""), "", "", "", "", "{}", "1", escape(M), "c",
+            "2000"]
+    now = str(int(time.time() * 1000))
+    argv[0] = now
+    out = subprocess.run(["redis-benchmark", "-p", str(port), "-n", str(requests), "-c", "32",
+                          "-r", "1000000000", "--csv", "EVALSHA", sha, str(len(keys)), *keys,
+                          *argv], capture_output=True, text=True, timeout=300)
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith('"EVALSHA')]
+    if not rows:
+        return {"error": (out.stdout + out.stderr)[-500:]}
+    fields = [f.strip('"') for f in rows[0].split(",")]
+    return {"rpc_per_s": round(float(fields[1])), "p50_ms": float(fields[4]) if len(fields) > 4
+            else None, "p99_ms": float(fields[6]) if len(fields) > 6 else None}
+
+
+async def scale(url: str) -> dict[str, Any]:
+    """Redis-side cost per Reserve at 1,000 and 1,000,000 orgs, and memory per org."""
+    r = aioredis.Redis.from_url(url, max_connections=64)
+    ledger = Ledger(r, load_catalog(None).catalog, SystemClock())
+    await ledger.upsert_plan("bench", [Allowance(M, 2**40)])
+    from quotagate.ledger.model import Charge, Subject
+
+    async def cost(n_orgs: int) -> float:
+        await r.config_resetstat()
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await ledger.reserve(Subject(f"org-{(i * 7919) % n_orgs}"), [Charge(M, 10)],
+                                     idempotency_key=f"s{n_orgs}-{i}")
+        await asyncio.gather(*(one(i) for i in range(20_000)))
+        return float((await r.info("commandstats"))["cmdstat_evalsha"]["usec_per_call"])
+
+    async def populate(start: int, stop: int) -> None:
+        sem = asyncio.Semaphore(64)
+
+        async def one(o: int) -> None:
+            async with sem:
+                await ledger.upsert_org(f"org-{o}", "bench")
+        await asyncio.gather(*(one(o) for o in range(start, stop)))
+
+    await populate(0, 1_000)
+    small = await cost(1_000)
+    await populate(1_000, 1_000_000)
+    large = await cost(1_000_000)
+    # One org with 3 teams and 20 seats, all touched once.
+    org = "memory-org"
+    await ledger.upsert_org(org, "bench", seats=20)
+    for t in range(3):
+        await ledger.upsert_team(org, f"t{t}", 7)
+    for s in range(20):
+        await ledger.upsert_seat(org, f"s{s}", f"t{s % 3}")
+        await ledger.reserve(Subject(org, seat_id=f"s{s}"), [Charge(M, 10)],
+                             idempotency_key=f"mem{s}")
+    k = ledger.keys
+    mem = sum([await r.memory_usage(key) or 0 for key in (k.cfg(org), k.bal(org, M))])
+    await r.aclose()
+    return {"usec_per_reserve_1k_orgs": small, "usec_per_reserve_1m_orgs": large,
+            "ratio_1m_to_1k": round(large / small, 3),
+            "bytes_per_org_3_teams_20_seats": mem,
+            "note": "Redis-side EVALSHA time per Reserve (commandstats); memory from MEMORY "
+                    "USAGE of the org's configuration and balance hashes (holds excluded)"}
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, sc in report["scenarios"].items():
+        pts = sorted(sc["load"].items(), key=lambda kv: float(kv[0]))
+        xs = [v["requests_per_s"] for _, v in pts]
+        ax.plot(xs, [v["p50_ms"] for _, v in pts], marker="o", label=f"{name} p50")
+        ax.plot(xs, [v["p99_ms"] for _, v in pts], marker="x", linestyle="--",
+                label=f"{name} p99")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("quotagate latency against load (25/50/75 % of saturation)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--generators", type=int, default=2, help="load generator processes")
+    p.add_argument("--concurrency", type=int, default=32, help="callers per generator")
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--orgs", type=int, default=10_000)
+    p.add_argument("--teams", type=int, default=2)
+    p.add_argument("--seats", type=int, default=5)
+    p.add_argument("--scenarios", default=",".join(loadgen.SCENARIOS))
+    p.add_argument("--scale", action="store_true", help="also 1,000 vs 1,000,000 orgs")
+    p.add_argument("--out", default="bench/results")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    redis_srv = RedisServer("--appendonly", "yes", "--appendfsync", "everysec").start()
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "settings": vars(a), "scenarios": {}}
+    proc = None
+    try:
+        t = time.perf_counter()
+        asyncio.run(seed(redis_srv.url, a.orgs, a.teams, a.seats))
+        report["seed_seconds"] = round(time.perf_counter() - t, 1)
+        proc, port = start_quotagate(redis_srv.url, a.workers)
+        for name in a.scenarios.split(","):
+            sat = drive(port, name, a.seconds, a.generators, a.concurrency, 0, a)
+            load = {}
+            for frac in (0.25, 0.50, 0.75):
+                load[str(frac)] = drive(port, name, a.seconds, a.generators, a.concurrency,
+                                        sat["requests_per_s"] * frac, a)
+            report["scenarios"][name] = {"saturation": sat, "load": load}
+            print(f"  {name}: {sat['rpc_per_s']} RPC/s", flush=True)
+        more = drive(port, "ceiling", a.seconds, a.generators + 1, a.concurrency, 0, a)
+        base = report["scenarios"].get("ceiling", {}).get("saturation", {})
+        report["client_check"] = {
+            "ceiling_with_one_more_generator": more["rpc_per_s"],
+            "ceiling": base.get("rpc_per_s"),
+            "verdict": "server-bound" if base and more["rpc_per_s"] < 1.1 * base["rpc_per_s"]
+            else "client may be limiting: add --generators"}
+        report["floor"] = floor(redis_srv.port, 50_000)
+        if a.scale:
+            report["scale"] = asyncio.run(scale(redis_srv.url))
+    finally:
+        if proc:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        redis_srv.close()
+    ceiling = report["scenarios"].get("ceiling", {}).get("saturation", {}).get("rpc_per_s")
+    print(f"\n{'scenario':<16}{'RPC/s':>9}{'ratio':>7}   p50/p99/p99.9 ms at 25% | 50% | 75%")
+    for name, sc in report["scenarios"].items():
+        rate = sc["saturation"]["rpc_per_s"]
+        ratio = rate / ceiling if ceiling else float("nan")
+        sc["ratio_to_ceiling"] = round(ratio, 3)
+        lat = " | ".join(f"{v['p50_ms']}/{v['p99_ms']}/{v['p999_ms']}"
+                         for v in sc["load"].values())
+        print(f"{name:<16}{rate:>9}{ratio:>7.2f}   {lat}")
+    fl = report["floor"]
+    if "rpc_per_s" in fl and ceiling:
+        print(f"{'floor (redis)':<16}{fl['rpc_per_s']:>9}{fl['rpc_per_s'] / ceiling:>7.2f}"
+              "   redis-benchmark EVALSHA of the reserve script")
+    print(f"client check: {report['client_check']}")
+    if "scale" in report:
+        print(f"scale: {report['scale']}")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out / "latency.png")
+    print(f"wrote {out / 'report.json'} and {out / 'latency.png'}")
+
+
+if __name__ == "__main__":
+    main()
