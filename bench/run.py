@@ -26,7 +26,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the test suite's redis-server launcher
 sys.path.insert(0, str(ROOT / "bench"))
 
+import loadgen  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
-import loadgen  # noqa: E402
 from quotagate.catalog import load as load_catalog  # noqa: E402
 from quotagate.clock import SystemClock  # noqa: E402
 from quotagate.ledger.keys import Keys, escape  # noqa: E402
