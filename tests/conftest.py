@@ -84,9 +84,11 @@ class Grpc:
 
 
 @pytest.fixture
-async def server(redis_server: Any, redis: Any, clock: ManualClock) -> AsyncIterator[Grpc]:
+async def server(redis_server: Any, redis: Any, clock: ManualClock,
+                 tmp_path: Any) -> AsyncIterator[Grpc]:
     settings = Settings(listen="127.0.0.1:0", redis_url=redis_server.url, shards=64,
-                        sweep_interval_ms=600_000, grace_seconds=0)
+                        sweep_interval_ms=600_000, grace_seconds=0, data_dir=tmp_path,
+                        metrics_listen="127.0.0.1:0")
     app = await App(settings, clock=clock).start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     yield Grpc(app, channel)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from quotagate import catalog as catalog_mod
+from quotagate import telemetry
 from quotagate.clock import Clock, SystemClock
 from quotagate.embedded import EmbeddedRedis
 from quotagate.errors import QuotagateError
@@ -28,6 +29,8 @@ from quotagate.server.admin import AdminServicer
 from quotagate.server.health import Health
 from quotagate.server.quota import QuotaServicer
 from quotagate.settings import Settings
+from quotagate.sync.sink import Sink, default_url, open_sink
+from quotagate.sync.syncer import Syncer, SyncOptions
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 
 log = logging.getLogger("quotagate")
@@ -45,6 +48,9 @@ class App:
         self.health: Health | None = None
         self.server: grpc.aio.Server | None = None
         self.notifier: Notifier | None = None
+        self.sink: Sink | None = None
+        self.syncer: Syncer | None = None
+        self.metrics: telemetry.MetricsServer | None = None
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -86,7 +92,9 @@ class App:
             keyring, self.redis, self.ledger.keys))] if keyring else None
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(self.ledger), server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.ledger), server)
+        self.sink = open_sink(default_url(s.database_url, s.data_dir))  # no I/O yet
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.ledger, usage=self.sink), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection((
             quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
@@ -102,6 +110,7 @@ class App:
         await self.health.update()
         self._tasks = [asyncio.create_task(self.health.run(), name="health"),
                        asyncio.create_task(self._sweeper(), name="sweeper")]
+        await self._start_sync(cat)
         if notify is not None and notify.urls:
             self.notifier = Notifier(self.redis, self.ledger.keys, notify)
             self._tasks.append(asyncio.create_task(self.notifier.run(), name="notifier"))
@@ -133,6 +142,23 @@ class App:
             await ledger.topup(tp["org_id"], tp["meter"], tp["amount"], tp["purchase_id"],
                                tp.get("team_id", ""), tp.get("seat_id", ""))
 
+    async def _start_sync(self, cat: catalog_mod.CatalogFile) -> None:
+        """Migrate the SQL store, start the in-process syncer and the metrics endpoint.
+        An unreachable database is logged, not fatal: the syncer retries, entries wait."""
+        assert self.ledger is not None and self.sink is not None
+        s = self.settings
+        try:
+            await self.sink.migrate()
+        except Exception as e:
+            log.error("database %s not ready (the syncer will retry): %s",
+                      s.database_url or "sqlite", e)
+        if s.sync_in_process:
+            self.syncer = Syncer(self.redis, self.ledger.keys, self.sink, cat.catalog,
+                                 SyncOptions.from_settings(s))
+            telemetry.watch_sync(self.syncer)
+            self._tasks.append(asyncio.create_task(self.syncer.run(), name="syncer"))
+        self.metrics = telemetry.start_metrics_server(s.metrics_listen)
+
     async def _sweeper(self) -> None:
         assert self.ledger is not None
         interval = self.settings.sweep_interval_ms / 1000
@@ -156,6 +182,10 @@ class App:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if self.sink is not None:
+            await self.sink.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.redis is not None:
             await self.redis.aclose()
         if self.embedded:

@@ -20,11 +20,31 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="QUOTAGATE_DATA_DIR")
     serve.add_argument("--catalog", help="QUOTAGATE_CATALOG")
     serve.add_argument("--log-level", help="QUOTAGATE_LOG_LEVEL")
+    notify = sub.add_parser("notify",
+                            help="deliver events to the webhooks (QUOTAGATE_WEBHOOK_URLS)")
+    notify.add_argument("--redis-url", help="QUOTAGATE_REDIS_URL")
+    notify.add_argument("--log-level", help="QUOTAGATE_LOG_LEVEL")
+    notify.add_argument("--once", action="store_true", help="one pass over the streams, then exit")
+    for name, text in (("migrate", "apply the SQL migrations (QUOTAGATE_DATABASE_URL)"),
+                       ("sync", "copy the ledger streams to SQL (the syncer on its own)"),
+                       ("restore", "write the SQL snapshots back into Redis after a loss")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--redis-url", help="QUOTAGATE_REDIS_URL")
+        cmd.add_argument("--database-url", help="QUOTAGATE_DATABASE_URL")
+        cmd.add_argument("--data-dir", help="QUOTAGATE_DATA_DIR")
+        cmd.add_argument("--log-level", help="QUOTAGATE_LOG_LEVEL")
+        if name == "sync":
+            cmd.add_argument("--once", action="store_true",
+                             help="copy what is there now, then exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("migrate", "sync", "restore"):
+        return _sync_command(args)
+    if args.command == "notify":
+        return _notify(args)
     try:
         settings = load_settings(listen=args.listen, redis_url=args.redis_url,
                                  data_dir=args.data_dir, catalog=args.catalog,
@@ -50,3 +70,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quotagate: configuration error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _notify(args: argparse.Namespace) -> int:
+    """`quotagate notify`: the notifier on its own (see quotagate.events.notifier.main)."""
+    from quotagate.events import notifier
+
+    try:
+        settings = load_settings(redis_url=args.redis_url, log_level=args.log_level)
+        logging.basicConfig(level=settings.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return asyncio.run(notifier.main(settings, once=args.once))
+    except ConfigError as e:
+        print(f"quotagate: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+def _sync_command(args: argparse.Namespace) -> int:
+    """`quotagate migrate | sync | restore` (see quotagate.sync)."""
+    from quotagate.sync import restore, syncer
+    from quotagate.sync.sink import default_url, open_sink
+
+    try:
+        settings = load_settings(redis_url=args.redis_url, database_url=args.database_url,
+                                 data_dir=args.data_dir, log_level=args.log_level)
+    except ConfigError as e:
+        print(f"quotagate: configuration error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def migrate() -> int:
+        sink = open_sink(default_url(settings.database_url, settings.data_dir))
+        try:
+            applied = await sink.migrate()
+        finally:
+            await sink.close()
+        print(f"applied {', '.join(applied)}" if applied else "schema up to date")
+        return 0
+
+    try:
+        if args.command == "migrate":
+            return asyncio.run(migrate())
+        if args.command == "restore":
+            return asyncio.run(restore.main(settings))
+        return asyncio.run(syncer.main(settings, once=args.once))
+    except ConfigError as e:
+        print(f"quotagate: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+

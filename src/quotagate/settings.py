@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     tls_cert: str = Field("", description="PEM server certificate (chain); with QUOTAGATE_TLS_KEY turns TLS on")
     tls_key: str = Field("", description="PEM private key of QUOTAGATE_TLS_CERT")
     tls_client_ca: str = Field("", description="PEM CA bundle: when set, clients must present a certificate it signed (mTLS)")
+    # -- sync: ledger stream -> SQL ---------------------------------------------------------
+    sync_in_process: bool = Field(True, description="run the syncer inside `serve` (false: run `quotagate sync` separately)")
+    sync_batch_size: int = Field(1000, ge=1, le=100000, description="ledger entries read per shard per batch")
+    sync_poll_ms: int = Field(200, ge=1, le=60000, description="how often the syncer looks for new entries when idle")
+    sync_claim_idle_ms: int = Field(30000, ge=1, le=86400000, description="entries pending this long at a dead syncer are claimed by another")
+    sync_consumer: str = Field("", description="consumer name in the ledger group; empty: <hostname>-<pid>")
 
     @field_validator("listen", "metrics_listen")
     @classmethod

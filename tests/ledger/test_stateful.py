@@ -300,7 +300,17 @@ class Model:
             y = min(left, int(amt))
             if y:
                 if code == "D":
-                    self.d = max(0, self.d - y)
+                    fromd = min(self.d, y)
+                    self.d -= fromd
+                    rest = y - fromd
+                    o = self.w["O"]
+                    back = min(rest, o.tu)
+                    o.tu -= back
+                    o.tb += back
+                    rest -= back
+                    back = min(rest, o.mu)
+                    o.mu -= back
+                    o.tb += rest - back
                 else:
                     w = self.w[str(code)[0]]
                     if str(code)[1] == "m":

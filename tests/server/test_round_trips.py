@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 import redis as sync_redis
 
 from conftest import CLUSTER, Grpc
 from grpc_api import Api, ch, sub
+from quotagate.app import App
+from quotagate.settings import Settings
 from quotagate.v1 import quota_pb2
 
 pytestmark = pytest.mark.skipif(CLUSTER, reason="MONITOR watches one server")
@@ -57,8 +61,24 @@ class Monitor:
         return sum(1 for _, cmd in self.lines if cmd == "ECHO")
 
 
+@pytest.fixture
+async def quiet_server(redis_server: Any, redis: Any, tmp_path: Any) -> AsyncIterator[Grpc]:
+    """A server without background duties (syncer, notifier, sweeper), so that every
+    command MONITOR sees between the markers comes from the RPC being measured."""
+    settings = Settings(listen="127.0.0.1:0", redis_url=redis_server.url, shards=64,
+                        sweep_interval_ms=600_000, grace_seconds=0, data_dir=tmp_path,
+                        sync_in_process=False, notify_in_process=False,
+                        metrics_listen="127.0.0.1:0")
+    app = await App(settings).start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    yield Grpc(app, channel)
+    await channel.close()
+    await app.stop()
+
+
 async def test_reserve_commit_check_balance_are_one_evalsha_each(
-        server: Grpc, redis_server: Any, redis: Any) -> None:
+        quiet_server: Grpc, redis_server: Any, redis: Any) -> None:
+    server = quiet_server
     api = Api(server)
     await api.plan("pro", monthly=1_000)
     await api.org()

@@ -3,6 +3,9 @@ UNIMPLEMENTED (the generated base class)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +15,7 @@ from quotagate.ledger import model
 from quotagate.ledger.store import Ledger
 from quotagate.server import convert as cv
 from quotagate.server.status import translated
+from quotagate.sync.sink import GROUP_COLUMNS, Sink, UsageQuery
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -21,8 +25,9 @@ def _flag(request: Any, name: str) -> bool:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, usage: Sink | None = None) -> None:
         self.ledger = ledger
+        self.usage = usage  # the SQL store ListUsage reads (quotagate.sync)
 
     @translated
     async def UpsertPlan(self, request: admin_pb2.UpsertPlanRequest,
@@ -143,3 +148,54 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort_with_status(to_status(e))
         except Overflow as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    @translated
+    async def ListUsage(self, request: admin_pb2.ListUsageRequest,
+                        context: grpc.aio.ServicerContext) -> admin_pb2.ListUsageResponse:
+        """Charged minus refunded from the SQL store, grouped and paginated (keyset)."""
+        from quotagate.errors import InvalidArgument, Unavailable
+        from quotagate.ledger import validate
+
+        org = validate.ident(request.org_id, "org_id")
+        if request.meter:
+            validate.meter(self.ledger.catalog, request.meter, "meter")
+        group_by: list[str] = []
+        for i, g in enumerate(request.group_by):
+            if g not in GROUP_COLUMNS:
+                raise InvalidArgument(f"unknown dimension {g!r}; one of "
+                                      f"{', '.join(GROUP_COLUMNS)}", f"group_by[{i}]")
+            if g not in group_by:
+                group_by.append(g)
+        start = request.start.ToMilliseconds() if request.HasField("start") else None
+        end = request.end.ToMilliseconds() if request.HasField("end") else None
+        if start is not None and end is not None and end < start:
+            raise InvalidArgument("must not be before start", "end")
+        if request.page_size < 0:
+            raise InvalidArgument("must not be negative", "page_size")
+        size = min(request.page_size or 100, 1000)
+        fingerprint = hashlib.sha256(json.dumps(
+            [org, request.meter, start, end, group_by]).encode()).hexdigest()[:16]
+        after = None
+        if request.page_token:
+            try:
+                tok = json.loads(base64.urlsafe_b64decode(request.page_token.encode()))
+                after = tuple(str(v) for v in tok["a"])
+                if tok["q"] != fingerprint or len(after) != len(group_by) + 1:
+                    raise ValueError
+            except (ValueError, KeyError, TypeError) as e:
+                raise InvalidArgument("is not a token of this query", "page_token") from e
+        if self.usage is None:
+            raise Unavailable("no SQL store configured for ListUsage")
+        q = UsageQuery(org, request.meter, start, end, tuple(group_by), size + 1, after)
+        try:
+            rows = await self.usage.usage(q)
+        except Exception as e:
+            raise Unavailable(f"usage store unreachable: {e}") from e
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = base64.urlsafe_b64encode(json.dumps(
+                {"a": list(rows[-1].key(group_by)), "q": fingerprint}).encode()).decode()
+        return admin_pb2.ListUsageResponse(next_page_token=token, rows=[
+            admin_pb2.UsageRow(group=dict(r.group), meter=r.meter, amount=r.amount)
+            for r in rows])

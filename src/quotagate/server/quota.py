@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
+
 import grpc
 
 from quotagate.ledger.store import Ledger
 from quotagate.server import convert as cv
 from quotagate.server.status import translated
-from quotagate.v1 import quota_pb2, quota_pb2_grpc
+from quotagate.v1 import common_pb2, quota_pb2, quota_pb2_grpc
 
 
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
@@ -67,3 +69,56 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
                          context: grpc.aio.ServicerContext) -> quota_pb2.GetBalanceResponse:
         b = await self.ledger.get_balance(cv.subject(request.subject), list(request.meters))
         return quota_pb2.GetBalanceResponse(balances=cv.balances_pb(b))
+
+    async def WatchStatus(self, request: quota_pb2.WatchStatusRequest,
+                          context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[quota_pb2.WatchStatusResponse]:
+        """The current status of each watched assistant, then every change (events
+        assistant.deactivated / assistant.reactivated of the org) until cancelled."""
+        from quotagate.errors import QuotagateError
+        from quotagate.events.hub import Overflow, hub_for
+        from quotagate.ledger import validate
+        from quotagate.ledger.model import Subject
+        from quotagate.server.status import to_status
+
+        try:
+            org = validate.ident(request.org_id, "org_id")
+            wanted = list(dict.fromkeys(request.assistant_ids))
+            for i, a in enumerate(wanted):
+                validate.ident(a, f"assistant_ids[{i}]")
+            # subscribe first, then read the current status: no change falls in between
+            async with hub_for(self.ledger.redis, self.ledger.keys).subscription(org) as sub:
+                for a in wanted:
+                    r = await self.ledger.check(Subject(org, assistant_id=a))
+                    yield quota_pb2.WatchStatusResponse(
+                        assistant_id=a, active=r.active, reason=cv.REASON[r.reason],
+                        at=cv.ts(self.ledger.clock.now_ms()))
+                async for ev in sub:
+                    msg = status_pb(ev.type, ev.attributes, ev.at_ms)
+                    if msg is not None and (not wanted or msg.assistant_id in wanted):
+                        yield msg
+        except QuotagateError as e:
+            await context.abort_with_status(to_status(e))
+        except Overflow as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+
+#: attrs.reason of assistant.deactivated -> DenyReason; anything else is ASSISTANT_INACTIVE
+STATUS_REASONS = {"ai": common_pb2.DENY_REASON_AI_DISABLED,
+                  "ai_disabled": common_pb2.DENY_REASON_AI_DISABLED}
+
+
+def status_pb(etype: str, attrs: Mapping[str, str],
+              at_ms: int) -> quota_pb2.WatchStatusResponse | None:
+    """An assistant event as a WatchStatus message; None for other events."""
+    if etype == "assistant.deactivated":
+        reason = STATUS_REASONS.get(attrs.get("reason", "").lower(),
+                                    common_pb2.DENY_REASON_ASSISTANT_INACTIVE)
+        return quota_pb2.WatchStatusResponse(assistant_id=attrs.get("assistant_id", ""),
+                                             active=False, reason=reason, at=cv.ts(at_ms))
+    if etype == "assistant.reactivated":
+        return quota_pb2.WatchStatusResponse(assistant_id=attrs.get("assistant_id", ""),
+                                             active=True,
+                                             reason=common_pb2.DENY_REASON_UNSPECIFIED,
+                                             at=cv.ts(at_ms))
+    return None

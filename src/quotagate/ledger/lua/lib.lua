@@ -368,7 +368,23 @@ end
 -- Give back charged tokens (a Refund after Commit), at most what each take charged.
 local function credit_take(ctx, ws, take, x)
   if x <= 0 then return end
-  if take[1] == 'D' then ctx.d = math.max(0, ctx.d - x); return end
+  if take[1] == 'D' then
+    -- Usage that became debt. What the debt still holds is forgiven; what a refill
+    -- already paid for it is given back, undoing settle_debt (top-up, then monthly).
+    local fromd = math.min(ctx.d, x)
+    ctx.d = ctx.d - fromd
+    local rest = x - fromd
+    if rest > 0 then
+      local ow = ctx.org
+      local y = math.min(rest, ow.tu)
+      ow.tu = ow.tu - y; ow.tb = ow.tb + y; rest = rest - y
+      local z = math.min(rest, ow.mu)
+      ow.mu = ow.mu - z; rest = rest - z
+      ow.tb = ow.tb + rest  -- paid in an earlier period: returned as top-up
+      ow.dirty = true
+    end
+    return
+  end
   local w = wallet_of(ws, take[1])
   if not w then return end
   local kind = string.sub(take[1], 2, 2)

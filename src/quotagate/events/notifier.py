@@ -1,0 +1,275 @@
+"""The notifier: every shard's events stream -> HMAC-signed webhooks, at least once.
+
+Each shard's stream ``keys.events(shard)`` is read with the consumer group
+``quotagate-notify``: several notifier processes share the work, each entry goes to one of
+them. An entry is acknowledged (XACK) only after it was delivered to every webhook, or
+after its last failed attempt was written to the dead-letter stream ``<ns>:deadletter``.
+A notifier that dies leaves its entries pending; after ``claim_idle_ms`` another one takes
+them over (XAUTOCLAIM) and delivers them. So an event may be delivered twice (receivers
+de-duplicate on its id) but is never dropped.
+
+A new group starts at the beginning of the stream (``start_id`` "0"), so the events
+written before the first notifier ran are delivered too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import exceptions as redis_errors
+
+from quotagate.errors import ConfigError
+from quotagate.events.model import Event
+from quotagate.events.webhook import RetryPolicy, Sender
+from quotagate.ledger.keys import Keys
+
+log = logging.getLogger(__name__)
+
+GROUP = "quotagate-notify"
+DEADLETTER_MAXLEN = 100_000
+
+Listener = Callable[[Event], "Awaitable[None] | None"]
+Entry = tuple[str, dict[Any, Any] | None]
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@dataclass(frozen=True)
+class NotifierOptions:
+    urls: tuple[str, ...] = ()
+    secret: str = field(default="", repr=False)
+    timeout_ms: int = 5000
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    poll_ms: int = 200
+    #: entries pending this long at another consumer are taken over
+    claim_idle_ms: int = 60_000
+    #: how often ``run`` looks for such entries
+    claim_every_ms: int = 5_000
+    batch: int = 100
+    consumer: str = ""
+    start_id: str = "0"
+
+    @classmethod
+    def from_settings(cls, s: Any) -> NotifierOptions:
+        if s.webhook_urls and not s.webhook_secret:
+            raise ConfigError("is required when QUOTAGATE_WEBHOOK_URLS is set (receivers "
+                              "verify the signature with it)", "QUOTAGATE_WEBHOOK_SECRET")
+        return cls(urls=tuple(s.webhook_urls), secret=s.webhook_secret,
+                   timeout_ms=s.webhook_timeout_ms,
+                   retry=RetryPolicy(s.webhook_retry_base_ms, s.webhook_retry_max_ms,
+                                     s.webhook_max_attempts),
+                   poll_ms=s.notify_poll_ms, claim_idle_ms=s.notify_claim_idle_ms,
+                   claim_every_ms=min(s.notify_claim_idle_ms, 5_000))
+
+
+def _entries(reply: Any) -> list[tuple[str, list[Entry]]]:
+    """XREADGROUP/XREAD reply (RESP2 list or RESP3 dict) -> [(stream, [(id, fields)])]."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3: {stream: [[entries]]}
+        items = [(k, v[0] if v else []) for k, v in reply.items()]
+    else:
+        items = list(reply)
+    return [(_s(stream), [(_s(i), f) for i, f in entries]) for stream, entries in items]
+
+
+class Notifier:
+    """Delivers every event of every shard to the webhooks; ``run_once`` for tests,
+    ``run`` as the background loop (in ``serve``, or ``quotagate notify``)."""
+
+    def __init__(self, redis: Any, keys: Keys, options: NotifierOptions,
+                 listeners: Iterable[Listener] = (),
+                 wall: Callable[[], float] = time.time) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.opt = options
+        self.listeners: list[Listener] = list(listeners)
+        self.consumer = options.consumer or \
+            f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.deadletter = f"{keys.ns}:deadletter"
+        self.sender = Sender(options.secret, options.retry, options.timeout_ms / 1000, wall)
+        self._ready: set[int] = set()
+        self._claim_cursor: dict[int, str] = {}
+        self._stream_shard = {keys.events(s): s for s in range(keys.shards)}
+        self.delivered = 0
+        self.dead_lettered = 0
+
+    def add_listener(self, fn: Listener) -> None:
+        """In-process fan-out: ``fn`` sees every event this notifier reads."""
+        self.listeners.append(fn)
+
+    # -- groups ----------------------------------------------------------------------
+    async def ensure_groups(self) -> None:
+        todo = [s for s in range(self.keys.shards) if s not in self._ready]
+        if not todo:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for s in todo:
+            pipe.xgroup_create(self.keys.events(s), GROUP, id=self.opt.start_id, mkstream=True)
+        for s, r in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(r, Exception) and "BUSYGROUP" not in str(r):
+                raise r
+            self._ready.add(s)
+
+    def _lost_group(self, shard: int, err: Exception) -> None:
+        if "NOGROUP" in str(err):  # the stream was deleted: recreate the group next time
+            self._ready.discard(shard)
+        else:
+            log.warning("notifier: reading shard %d failed: %s", shard, err)
+
+    # -- reading ---------------------------------------------------------------------
+    async def _read_new(self) -> dict[int, list[Entry]]:
+        shards = sorted(self._ready)
+        pipe = self.redis.pipeline(transaction=False)
+        for s in shards:
+            pipe.xreadgroup(GROUP, self.consumer, {self.keys.events(s): ">"},
+                            count=self.opt.batch)
+        out: dict[int, list[Entry]] = {}
+        for s, r in zip(shards, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(r, Exception):
+                self._lost_group(s, r)
+                continue
+            for _, entries in _entries(r):
+                if entries:
+                    out.setdefault(s, []).extend(entries)
+        return out
+
+    async def _claim(self) -> dict[int, list[Entry]]:
+        """Entries another (dead) consumer left pending longer than ``claim_idle_ms``."""
+        shards = sorted(self._ready)
+        pipe = self.redis.pipeline(transaction=False)
+        for s in shards:
+            pipe.xautoclaim(self.keys.events(s), GROUP, self.consumer,
+                            min_idle_time=self.opt.claim_idle_ms,
+                            start_id=self._claim_cursor.get(s, "0-0"), count=self.opt.batch)
+        out: dict[int, list[Entry]] = {}
+        for s, r in zip(shards, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(r, Exception):
+                self._lost_group(s, r)
+                continue
+            self._claim_cursor[s] = _s(r[0])
+            entries: list[Entry] = [(_s(i), f) for i, f in r[1]]
+            entries += [(_s(i), None) for i in (r[2] if len(r) > 2 else [])]  # trimmed away
+            if entries:
+                out[s] = entries
+        return out
+
+    # -- delivery --------------------------------------------------------------------
+    async def run_once(self, claim: bool = True) -> int:
+        """Claim abandoned entries (if ``claim``), read new ones, deliver them all.
+        Returns how many entries were settled (delivered or dead-lettered)."""
+        await self.ensure_groups()
+        work: dict[int, list[Entry]] = await self._claim() if claim else {}
+        for s, entries in (await self._read_new()).items():
+            work.setdefault(s, []).extend(entries)
+        counts = await asyncio.gather(*(self._shard(s, e) for s, e in work.items()))
+        return sum(counts)
+
+    async def _shard(self, shard: int, entries: Sequence[Entry]) -> int:
+        """One shard's entries in stream order (per-org order is kept for receivers)."""
+        stream = self.keys.events(shard)
+        done = 0
+        for entry_id, fields in entries:
+            if fields is not None:
+                await self.handle(Event.from_fields(fields, stream, entry_id), fields)
+            await self.redis.xack(stream, GROUP, entry_id)
+            done += 1
+        return done
+
+    async def handle(self, ev: Event, fields: dict[Any, Any]) -> None:
+        for fn in self.listeners:
+            try:
+                r = fn(ev)
+                if inspect.isawaitable(r):
+                    await r
+            except Exception:  # a broken listener must not stop webhook delivery
+                log.exception("notifier: listener failed on event %s", ev.id)
+        if not self.opt.urls:
+            return
+        body = ev.body()
+        errors = await asyncio.gather(*(self.sender.send(u, body, ev.id, ev.type)
+                                        for u in self.opt.urls))
+        failed = [(u, e) for u, e in zip(self.opt.urls, errors, strict=True) if e]
+        for url, err in failed:
+            log.warning("notifier: event %s to %s failed %d times (%s): dead-lettered",
+                        ev.id, url, self.opt.retry.attempts, err)
+            dl = {_s(k): _s(v) for k, v in fields.items()}
+            dl.update(stream=ev.stream, entry_id=ev.entry_id, url=url, error=err,
+                      attempts=str(self.opt.retry.attempts),
+                      failed_at=str(int(time.time() * 1000)))
+            await self.redis.xadd(self.deadletter, dl, maxlen=DEADLETTER_MAXLEN,
+                                  approximate=True)
+        self.dead_lettered += len(failed)
+        self.delivered += len(self.opt.urls) - len(failed)
+
+    async def run(self) -> None:
+        """Deliver until cancelled; Redis trouble is logged and retried."""
+        next_claim = 0.0
+        while True:
+            try:
+                now = time.monotonic()
+                claim = now >= next_claim
+                if claim:
+                    next_claim = now + self.opt.claim_every_ms / 1000
+                n = await self.run_once(claim=claim)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
+                log.warning("notifier: redis unavailable: %s", e)
+                n = 0
+            except redis_errors.ResponseError as e:
+                log.warning("notifier: %s", e)
+                n = 0
+            except Exception:  # a bug must not end delivery for good: log, go on
+                log.exception("notifier: delivery pass failed")
+                n = 0
+            if not n:
+                await asyncio.sleep(self.opt.poll_ms / 1000)
+
+
+async def main(settings: Any, once: bool = False) -> int:
+    """``quotagate notify``: the notifier as its own process (run it when
+    QUOTAGATE_NOTIFY_IN_PROCESS=false, or next to several `serve` processes; any number
+    of notifiers may run, the consumer group shares the work). Stops on SIGTERM/SIGINT."""
+    import signal
+
+    from quotagate.app import App
+    from quotagate.ledger.keys import Keys
+
+    if not settings.redis_url:
+        raise ConfigError("is required for `quotagate notify` (the embedded Redis is "
+                          "private to `serve`)", "QUOTAGATE_REDIS_URL")
+    options = NotifierOptions.from_settings(settings)
+    if not options.urls:
+        raise ConfigError("no webhook to deliver to", "QUOTAGATE_WEBHOOK_URLS")
+    redis = App(settings).redis_client(settings.redis_url)  # single server or cluster
+    notifier = Notifier(redis, Keys(settings.shards), options)
+    try:
+        if once:
+            n = await notifier.run_once()
+            log.info("notifier: %d event(s) settled", n)
+            return 0
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(notifier.run(), name="notifier")
+        log.info("notifier %s delivering to %d webhook(s)", notifier.consumer,
+                 len(options.urls))
+        await stop.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return 0
+    finally:
+        await redis.aclose()

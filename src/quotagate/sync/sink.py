@@ -1,0 +1,261 @@
+"""The SQL side of the syncer: the `Sink` protocol, the rows it stores, and what the
+SQLite and PostgreSQL sinks share (migrations, the ListUsage query, usage aggregation).
+
+A sink is opened from a URL (`open_sink`) without I/O; it connects on first use and
+reconnects after a failure, so a database that is down at start-up only delays the sync.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+from quotagate.errors import ConfigError
+from quotagate.ledger.keys import unescape
+
+DAY_MS = 86_400_000
+
+#: ListUsage dimensions -> column (same name in ledger_entries and usage_totals).
+GROUP_COLUMNS = ("seat", "team", "assistant", "action", "feature", "day")
+
+#: Entry types that change usage: +amount / -amount.
+_NET = {"commit": 1, "refund": -1}
+
+_ESCAPED = ("org", "team", "seat", "assistant", "meter", "action", "feature")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One ledger stream entry, ids unescaped."""
+
+    entry_id: str
+    shard: int
+    stream_id: str
+    type: str
+    rid: str
+    org: str
+    team: str
+    seat: str
+    assistant: str
+    meter: str
+    action: str
+    feature: str
+    amount: int
+    net: int
+    at_ms: int
+    day: str
+    raw: str
+
+    def row(self) -> tuple[object, ...]:
+        return (self.entry_id, self.shard, self.stream_id, self.type, self.rid, self.org,
+                self.team, self.seat, self.assistant, self.meter, self.action, self.feature,
+                self.amount, self.net, self.at_ms, self.day, self.raw)
+
+
+ENTRY_COLUMNS = ("entry_id", "shard", "stream_id", "type", "rid", "org", "team", "seat",
+                 "assistant", "meter", "action", "feature", "amount", "net", "at_ms", "day",
+                 "raw")
+
+#: usage_totals key columns, in the order of `UsageKey`.
+TOTAL_COLUMNS = ("org", "meter", "day", "team", "seat", "assistant", "action", "feature")
+UsageKey = tuple[str, str, str, str, str, str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The contents of one Redis hash at sync time."""
+
+    redis_key: str
+    org: str
+    kind: str  # cfg | bal | pur | hold | plan
+    data: Mapping[str, str]
+    updated_at: int
+
+    def row(self) -> tuple[object, ...]:
+        return (self.redis_key, self.org, self.kind,
+                json.dumps(dict(self.data), sort_keys=True), self.updated_at)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    org: str
+    meter: str = ""              # empty: every meter
+    start_ms: int | None = None  # inclusive
+    end_ms: int | None = None    # exclusive
+    group_by: tuple[str, ...] = ()
+    limit: int = 100
+    after: tuple[str, ...] | None = None  # keyset: the last row's (group values..., meter)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    group: Mapping[str, str]
+    meter: str
+    amount: int
+
+    def key(self, group_by: Sequence[str]) -> tuple[str, ...]:
+        return (*(self.group[g] for g in group_by), self.meter)
+
+
+class Sink(Protocol):
+    """Where the syncer copies the ledger; what ListUsage and restore read."""
+
+    url: str
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations; return the versions applied now."""
+        ...
+
+    async def write(self, entries: Sequence[Entry], snapshots: Sequence[Snapshot]) -> int:
+        """In ONE transaction: insert the entries not stored yet, add the usage of those
+        inserted to usage_totals, upsert the snapshots. Returns how many were inserted."""
+        ...
+
+    async def usage(self, q: UsageQuery) -> list[UsageRow]:
+        """At most `q.limit` rows after `q.after`, ordered by (group values, meter)."""
+        ...
+
+    async def snapshots(self) -> list[Snapshot]:
+        """Every stored snapshot (for restore)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_sink(url: str) -> Sink:
+    """`sqlite:///path` or `postgresql://…` (no I/O until first use)."""
+    if url.startswith("sqlite:///"):
+        from quotagate.sync.sqlite import SqliteSink
+
+        return SqliteSink(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        from quotagate.sync.postgres import PostgresSink
+
+        return PostgresSink(url)
+    raise ConfigError("must start with postgresql:// or sqlite:///", "QUOTAGATE_DATABASE_URL")
+
+
+def default_url(database_url: str, data_dir: Path) -> str:
+    return database_url or f"sqlite:///{Path(data_dir).absolute() / 'quotagate.db'}"
+
+
+# -- migrations ---------------------------------------------------------------------------
+def migrations() -> list[tuple[str, list[str]]]:
+    """(version, statements) of every migration file, in order."""
+    out = []
+    files = resources.files("quotagate.sync").joinpath("migrations")
+    for f in sorted((f for f in files.iterdir() if f.name.endswith(".sql")),
+                    key=lambda f: f.name):
+        text = "\n".join(line for line in f.read_text("utf-8").splitlines()
+                         if not line.lstrip().startswith("--"))
+        stmts = [s.strip() for s in text.split(";\n") if s.strip()]
+        out.append((f.name.removesuffix(".sql"), [s.rstrip(";") for s in stmts]))
+    return out
+
+
+SCHEMA_MIGRATIONS = ("CREATE TABLE IF NOT EXISTS schema_migrations "
+                     "(version TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)")
+
+
+# -- stream entries -----------------------------------------------------------------------
+def _text(v: bytes | str) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else v
+
+
+def day_of(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+
+
+def entry_of(shard: int, stream_id: bytes | str,
+             fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Entry:
+    """A stream entry as the row to store (ids unescaped, net usage, UTC day)."""
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    sid = _text(stream_id)
+    kind = f.get("type", "")
+    ids = {name: unescape(f.get(name, "")) for name in _ESCAPED}
+    try:
+        amount = int(f.get("amount") or 0)
+    except ValueError:
+        amount = 0
+    try:
+        at = int(f.get("at") or 0)
+    except ValueError:
+        at = 0
+    if not at:
+        at = int(sid.split("-")[0])
+    return Entry(f"{shard}-{sid}", shard, sid, kind, f.get("rid", ""), ids["org"], ids["team"],
+                 ids["seat"], ids["assistant"], ids["meter"], ids["action"], ids["feature"],
+                 amount, amount * _NET.get(kind, 0), at, day_of(at),
+                 json.dumps(f, sort_keys=True, ensure_ascii=False))
+
+
+def usage_deltas(inserted: Iterable[Entry]) -> dict[UsageKey, int]:
+    """usage_totals increments of the entries actually inserted."""
+    out: dict[UsageKey, int] = {}
+    for e in inserted:
+        if e.type not in _NET or not e.net:  # as the entries query: net <> 0
+            continue
+        k = (e.org, e.meter, e.day, e.team, e.seat, e.assistant, e.action, e.feature)
+        out[k] = out.get(k, 0) + e.net
+    return dict(sorted(out.items()))  # one lock order for concurrent writers
+
+
+# -- ListUsage ----------------------------------------------------------------------------
+def usage_sql(q: UsageQuery, ph: str) -> tuple[str, list[object]]:
+    """The ListUsage query for placeholder style `ph` ('?' or '%s').
+
+    Day-aligned ranges (and no range) read the per-day totals; other ranges sum the
+    entries themselves, so the answer is exact for any [start, end)."""
+    for g in q.group_by:
+        if g not in GROUP_COLUMNS:  # never trust a name into SQL
+            raise ValueError(g)
+    cols = [*q.group_by, "meter"]
+    aligned = all(t is None or t % DAY_MS == 0 for t in (q.start_ms, q.end_ms))
+    where = [f"org = {ph}"]
+    params: list[object] = [q.org]
+    if q.meter:
+        where.append(f"meter = {ph}")
+        params.append(q.meter)
+    if aligned:
+        table, amount = "usage_totals", "amount"
+        if q.start_ms is not None:
+            where.append(f"day >= {ph}")
+            params.append(day_of(q.start_ms))
+        if q.end_ms is not None:
+            where.append(f"day < {ph}")
+            params.append(day_of(q.end_ms))
+    else:
+        table, amount = "ledger_entries", "net"
+        where.append("net <> 0")
+        if q.start_ms is not None:
+            where.append(f"at_ms >= {ph}")
+            params.append(q.start_ms)
+        if q.end_ms is not None:
+            where.append(f"at_ms < {ph}")
+            params.append(q.end_ms)
+    clist = ", ".join(cols)
+    sql = (f"SELECT {clist}, SUM({amount}) AS amount FROM {table} "
+           f"WHERE {' AND '.join(where)} GROUP BY {clist}")
+    sql = f"SELECT {clist}, amount FROM ({sql}) g"
+    if q.after is not None:
+        sql += f" WHERE ({clist}) > ({', '.join([ph] * len(cols))})"
+        params.extend(q.after)
+    sql += f" ORDER BY {clist} LIMIT {int(q.limit)}"
+    return sql, params
+
+
+def usage_rows(q: UsageQuery, rows: Iterable[Sequence[object]]) -> list[UsageRow]:
+    n = len(q.group_by)
+    return [UsageRow(dict(zip(q.group_by, (str(v) for v in r[:n]), strict=True)),
+                     str(r[n]), int(r[n + 1])) for r in rows]  # type: ignore[call-overload]
+
+
+def snapshot_of(row: Sequence[object]) -> Snapshot:
+    key, org, kind, data, updated = row
+    return Snapshot(str(key), str(org), str(kind), json.loads(str(data)),
+                    int(updated))  # type: ignore[call-overload]

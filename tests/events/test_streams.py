@@ -1,0 +1,148 @@
+"""WatchEvents and WatchStatus on the real gRPC server: they see the events written
+while they stream (plain XREAD from "$", not the notifier's consumer group)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import pytest
+from events_util import xadd
+
+from conftest import Grpc
+from quotagate.events.hub import hub_for
+from quotagate.ledger.model import Allowance, Charge, Decision, Subject
+from quotagate.v1 import admin_pb2, common_pb2, quota_pb2
+
+INACTIVE = common_pb2.DENY_REASON_ASSISTANT_INACTIVE
+
+
+async def subscribed(server: Grpc, n: int = 1) -> None:
+    """Wait until the server's hub has `n` subscribers (the stream is open)."""
+    assert server.app.ledger is not None
+    hub = hub_for(server.app.ledger.redis, server.app.ledger.keys)
+    deadline = time.monotonic() + 5
+    while hub.subscribers < n:
+        assert time.monotonic() < deadline, "the stream never subscribed"
+        await asyncio.sleep(0.01)
+
+
+async def next_msg(call: Any, within: float = 5.0) -> Any:
+    return await asyncio.wait_for(call.read(), within)
+
+
+async def test_watch_events_streams_the_orgs_new_events(server: Grpc, redis: Any) -> None:
+    await xadd(redis, "wallet.low", "acme", {"meter": "m"})  # before the stream: not replayed
+    call = server.admin.WatchEvents(admin_pb2.WatchEventsRequest(org_id="acme"))
+    await subscribed(server)
+    await xadd(redis, "wallet.low", "other", {"meter": "m"})  # another org: filtered
+    ids = [await xadd(redis, t, "acme", {"meter": "message_tokens", "team_id": "t1"},
+                      at=1_762_732_800_123)
+           for t in ("wallet.exhausted", "assistant.deactivated", "period.reset")]
+    got = [(await next_msg(call)).event for _ in ids]
+    assert [e.id for e in got] == ids
+    assert [e.type for e in got] == ["wallet.exhausted", "assistant.deactivated",
+                                     "period.reset"]
+    assert all(e.org_id == "acme" for e in got)
+    assert dict(got[0].attributes) == {"meter": "message_tokens", "team_id": "t1"}
+    assert got[0].at.ToMilliseconds() == 1_762_732_800_123
+    call.cancel()
+
+
+async def test_two_streams_both_see_each_event(server: Grpc, redis: Any) -> None:
+    a = server.admin.WatchEvents(admin_pb2.WatchEventsRequest(org_id="acme"))
+    b = server.admin.WatchEvents(admin_pb2.WatchEventsRequest(org_id="acme"))
+    await subscribed(server, 2)
+    eid = await xadd(redis, "auto_topup.requested", "acme", {"meter": "m", "amount": "5000"})
+    assert (await next_msg(a)).event.id == (await next_msg(b)).event.id == eid
+    a.cancel()
+    b.cancel()
+
+
+async def test_watch_events_needs_org(server: Grpc) -> None:
+    call = server.admin.WatchEvents(admin_pb2.WatchEventsRequest())
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await next_msg(call)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_watch_status_current_status_then_changes(server: Grpc, redis: Any) -> None:
+    led = server.app.ledger
+    assert led is not None
+    await led.upsert_plan("p", [Allowance("message_tokens", 1000)])
+    await led.upsert_org("acme", "p")
+    await led.upsert_assistant("acme", "bot")
+    await led.upsert_assistant("acme", "off", enabled=False)
+    call = server.quota.WatchStatus(quota_pb2.WatchStatusRequest(
+        org_id="acme", assistant_ids=["bot", "off"]))
+    first = [await next_msg(call), await next_msg(call)]
+    assert [(m.assistant_id, m.active) for m in first] == [("bot", True), ("off", False)]
+    assert first[1].reason == INACTIVE
+    await subscribed(server)
+    await xadd(redis, "assistant.deactivated", "acme", {"assistant_id": "other",
+                                                        "reason": "exhausted"})
+    await xadd(redis, "wallet.exhausted", "acme", {"meter": "message_tokens"})
+    await xadd(redis, "assistant.deactivated", "acme",
+               {"assistant_id": "bot", "meter": "message_tokens", "reason": "exhausted"},
+               at=1_762_732_801_000)
+    await xadd(redis, "assistant.reactivated", "acme", {"assistant_id": "bot"},
+               at=1_762_732_802_000)
+    await xadd(redis, "assistant.deactivated", "acme", {"assistant_id": "bot", "reason": "ai"})
+    m1, m2, m3 = [await next_msg(call) for _ in range(3)]
+    assert (m1.assistant_id, m1.active, m1.reason) == ("bot", False, INACTIVE)
+    assert m1.at.ToMilliseconds() == 1_762_732_801_000
+    assert (m2.assistant_id, m2.active, m2.reason) == ("bot", True,
+                                                       common_pb2.DENY_REASON_UNSPECIFIED)
+    assert m3.reason == common_pb2.DENY_REASON_AI_DISABLED
+    call.cancel()
+
+
+async def test_watch_status_all_assistants_of_the_org(server: Grpc, redis: Any) -> None:
+    call = server.quota.WatchStatus(quota_pb2.WatchStatusRequest(org_id="acme"))
+    await subscribed(server)
+    await xadd(redis, "assistant.deactivated", "beta", {"assistant_id": "x"})  # other org
+    await xadd(redis, "assistant.deactivated", "acme", {"assistant_id": "a1",
+                                                        "reason": "inactive"})
+    await xadd(redis, "assistant.reactivated", "acme", {"assistant_id": "a2"})
+    got = [await next_msg(call), await next_msg(call)]
+    assert [(m.assistant_id, m.active) for m in got] == [("a1", False), ("a2", True)]
+    call.cancel()
+
+
+async def test_watch_status_sees_a_real_deactivation(server: Grpc) -> None:
+    """End to end with the events the scripts write: spend the wallet dry."""
+    led = server.app.ledger
+    assert led is not None
+    await led.upsert_plan("small", [Allowance("message_tokens", 100)])
+    await led.upsert_org("e2e", "small")
+    await led.upsert_assistant("e2e", "bot")
+    call = server.quota.WatchStatus(quota_pb2.WatchStatusRequest(org_id="e2e",
+                                                                 assistant_ids=["bot"]))
+    assert (await next_msg(call)).active
+    await subscribed(server)
+    r = await led.reserve(Subject("e2e", assistant_id="bot"), [Charge("message_tokens", 100)],
+                          idempotency_key="k1")
+    assert r.decision is Decision.GRANTED
+    await led.commit(r.reservation_id)
+    await led.reserve(Subject("e2e", assistant_id="bot"), [Charge("message_tokens", 1)],
+                      idempotency_key="k2")
+    m = await next_msg(call)
+    assert (m.assistant_id, m.active, m.reason) == ("bot", False, INACTIVE)
+    await led.topup("e2e", "message_tokens", 50, "buy-1")
+    m = await next_msg(call)
+    assert (m.assistant_id, m.active) == ("bot", True)
+    call.cancel()
+
+
+async def test_stream_closed_by_client_unsubscribes(server: Grpc) -> None:
+    assert server.app.ledger is not None
+    hub = hub_for(server.app.ledger.redis, server.app.ledger.keys)
+    call = server.admin.WatchEvents(admin_pb2.WatchEventsRequest(org_id="acme"))
+    await subscribed(server)
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while hub.subscribers:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
