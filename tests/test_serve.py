@@ -161,3 +161,58 @@ async def test_health_not_serving_when_redis_is_gone() -> None:
     finally:
         await app.stop()
         srv.close()
+
+
+def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    proc, port = start_serve(tmp_path, QUOTAGATE_WORKERS="2")
+    try:
+        deadline = time.monotonic() + 20
+        children: list[int] = []
+        while time.monotonic() < deadline:
+            children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                        and _ppid(int(p.name)) == proc.pid and _is_serve(int(p.name))]
+            if len(children) == 2:
+                break
+            time.sleep(0.1)
+        assert len(children) == 2, children
+        # Both workers accept on the same port: many fresh connections all get answers.
+        for i in range(20):
+            with grpc.insecure_channel(f"127.0.0.1:{port}",
+                                       options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                r = quota_pb2_grpc.QuotaServiceStub(ch).Reserve(quota_pb2.ReserveRequest(
+                    subject=common_pb2.Subject(org_id="demo"), idempotency_key=f"w{i}",
+                    charges=[common_pb2.Charge(meter="message_tokens", amount=1)]))
+                assert r.decision == common_pb2.DECISION_GRANTED
+        # A killed worker is replaced.
+        os.kill(children[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                   and _ppid(int(p.name)) == proc.pid and _is_serve(int(p.name))]
+            if len(now) == 2 and children[0] not in now:
+                break
+            time.sleep(0.1)
+        assert len(now) == 2 and children[0] not in now
+        redis_pid = int((tmp_path / "redis" / "redis.pid").read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for pid in [*now, redis_pid]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _is_serve(pid: int) -> bool:
+    try:
+        return b"quotagate\x00serve" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

@@ -90,7 +90,8 @@ class App:
 
         interceptors = [auth.AuthInterceptor(auth.Authorizer(
             keyring, self.redis, self.ledger.keys))] if keyring else None
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 1 if s.reuseport else 0)], interceptors=interceptors)
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(self.ledger), server)
         self.sink = open_sink(default_url(s.database_url, s.data_dir))  # no I/O yet
         admin_pb2_grpc.add_AdminServiceServicer_to_server(

@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="QUOTAGATE_DATA_DIR")
     serve.add_argument("--catalog", help="QUOTAGATE_CATALOG")
     serve.add_argument("--log-level", help="QUOTAGATE_LOG_LEVEL")
+    serve.add_argument("--workers", type=int, help="QUOTAGATE_WORKERS: server processes "
+                       "sharing the port (default: the number of cores)")
     notify = sub.add_parser("notify",
                             help="deliver events to the webhooks (QUOTAGATE_WEBHOOK_URLS)")
     notify.add_argument("--redis-url", help="QUOTAGATE_REDIS_URL")
@@ -48,16 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(listen=args.listen, redis_url=args.redis_url,
                                  data_dir=args.data_dir, catalog=args.catalog,
-                                 log_level=args.log_level)
+                                 log_level=args.log_level, workers=args.workers)
     except ConfigError as e:
         print(f"quotagate: configuration error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.loopback:
-        logging.getLogger("quotagate").warning(
-            "listening on %s without authentication: API keys arrive in a later release; "
-            "keep this port on a private network", settings.listen)
+    if settings.workers > 1:
+        from quotagate.workers import run_workers
+
+        try:
+            return run_workers(settings, settings.workers)
+        except ConfigError as e:
+            print(f"quotagate: configuration error: {e}", file=sys.stderr)
+            return 2
     from quotagate.app import serve
 
     try:

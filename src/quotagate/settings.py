@@ -3,6 +3,7 @@ A bad value raises ConfigError naming the variable."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,6 +31,8 @@ class Settings(BaseSettings):
     sweep_interval_ms: int = Field(1000, ge=10, le=600000, description="how often expired holds are swept")
     grace_seconds: float = Field(5.0, ge=0, le=300, description="drain time on SIGTERM before in-flight RPCs are cut")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256, description="server processes sharing the port (SO_REUSEPORT); default: the cores")
+    reuseport: bool = Field(False, description="set by the worker supervisor: bind with SO_REUSEPORT")
     low_thresholds: str = Field("80", description="wallet.low fires at these % used (comma separated, e.g. 80,95)")
     # -- events: the notifier (webhooks) ---------------------------------------------------
     webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated http(s) URLs every event is POSTed to (HMAC-signed)")

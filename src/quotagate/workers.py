@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+from quotagate import catalog
 from quotagate.embedded import EmbeddedRedis
 from quotagate.settings import Settings
 
@@ -31,6 +32,7 @@ def _resolve_port(listen: str) -> str:
 
 
 def run_workers(settings: Settings, workers: int) -> int:
+    catalog.load(settings.catalog)  # a bad catalog stops here (ConfigError), not in a loop
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
@@ -59,15 +61,20 @@ def run_workers(settings: Settings, workers: int) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     restarts: list[float] = []
+    code = 0
     while not stopping:
         time.sleep(0.2)
         for i, p in enumerate(procs):
             if p.poll() is not None and not stopping:
+                if p.returncode == 2:  # a configuration error: restarting cannot help
+                    log.error("worker %d stopped on a configuration error", i)
+                    stopping, code = True, 2
+                    break
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < 60] + [now]
                 if len(restarts) > 10 * workers:
                     log.error("workers keep dying; giving up")
-                    stopping = True
+                    stopping, code = True, 1
                     break
                 log.warning("worker %d exited with %s; restarting", i, p.returncode)
                 procs[i] = spawn(i)
@@ -84,4 +91,4 @@ def run_workers(settings: Settings, workers: int) -> int:
         import asyncio
 
         asyncio.run(embedded.stop())
-    return 0
+    return code
