@@ -21,6 +21,18 @@ from quotagate.settings import Settings
 log = logging.getLogger("quotagate.workers")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the supervisor dies, even by SIGKILL, so
+    no worker outlives it (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _resolve_port(listen: str) -> str:
     host, _, port = listen.rpartition(":")
     if port != "0":
@@ -48,7 +60,7 @@ def run_workers(settings: Settings, workers: int) -> int:
             env["QUOTAGATE_SYNC_IN_PROCESS"] = "false"
             env["QUOTAGATE_NOTIFY_IN_PROCESS"] = "false"
         return subprocess.Popen([sys.executable, "-m", "quotagate", "serve", "--workers", "1"],
-                                env=env)
+                                env=env, preexec_fn=_die_with_parent)
 
     procs = [spawn(i) for i in range(workers)]
     log.info("supervising %d workers on %s", workers, listen)

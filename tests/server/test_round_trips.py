@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -19,6 +19,7 @@ from grpc_api import Api, ch, sub
 from quotagate.app import App
 from quotagate.settings import Settings
 from quotagate.v1 import quota_pb2
+from redis_server import RedisServer
 
 pytestmark = pytest.mark.skipif(CLUSTER, reason="MONITOR watches one server")
 
@@ -62,10 +63,18 @@ class Monitor:
 
 
 @pytest.fixture
-async def quiet_server(redis_server: Any, redis: Any, tmp_path: Any) -> AsyncIterator[Grpc]:
-    """A server without background duties (syncer, notifier, sweeper), so that every
-    command MONITOR sees between the markers comes from the RPC being measured."""
-    settings = Settings(listen="127.0.0.1:0", redis_url=redis_server.url, shards=64,
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis no other test talks to."""
+    srv = RedisServer().start()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+async def quiet_server(own_redis: RedisServer, tmp_path: Any) -> AsyncIterator[Grpc]:
+    """A server without background duties (syncer, notifier, sweeper) on its own Redis,
+    so that every command MONITOR sees between the markers comes from the measured RPC."""
+    settings = Settings(listen="127.0.0.1:0", redis_url=own_redis.url, shards=64,
                         sweep_interval_ms=600_000, grace_seconds=0, data_dir=tmp_path,
                         sync_in_process=False, notify_in_process=False,
                         metrics_listen="127.0.0.1:0")
@@ -77,7 +86,8 @@ async def quiet_server(redis_server: Any, redis: Any, tmp_path: Any) -> AsyncIte
 
 
 async def test_reserve_commit_check_balance_are_one_evalsha_each(
-        quiet_server: Grpc, redis_server: Any, redis: Any) -> None:
+        quiet_server: Grpc, own_redis: RedisServer) -> None:
+    redis_server = own_redis
     server = quiet_server
     api = Api(server)
     await api.plan("pro", monthly=1_000)
