@@ -139,7 +139,10 @@ class EventHub:
         return n
 
     async def _read(self) -> None:
+        me = asyncio.current_task()
         while self._subs:
+            if me is not None and me.cancelling():  # a library swallowed our cancellation
+                raise asyncio.CancelledError
             try:
                 n = await self.poll()
             except Exception as e:  # Redis trouble: keep the streams open, try again

@@ -217,7 +217,10 @@ class Notifier:
     async def run(self) -> None:
         """Deliver until cancelled; Redis trouble is logged and retried."""
         next_claim = 0.0
+        me = asyncio.current_task()
         while True:
+            if me is not None and me.cancelling():  # a library swallowed our cancellation
+                raise asyncio.CancelledError
             try:
                 now = time.monotonic()
                 claim = now >= next_claim
