@@ -91,8 +91,8 @@ async def snapshot(redis: Any) -> dict[bytes, Any]:
             out[key] = await redis.hgetall(key)
         elif t == b"string":
             out[key] = await redis.get(key)
-        elif t == b"stream":
-            out[key] = await redis.xlen(key)
+        elif t == b"stream":  # entries ever added: the syncer deletes what it copied
+            out[key] = (await redis.xinfo_stream(key))["entries-added"]
         elif t == b"zset":
             out[key] = await redis.zrange(key, 0, -1, withscores=True)
     return out
