@@ -121,3 +121,16 @@ async def test_low_thresholds_are_configurable(redis: Any, clock: ManualClock) -
     lows = [a["threshold_percent"] for t, _, a in await events(ledger, redis, "t")
             if t == "wallet.low"]
     assert lows == ["50", "90"]
+
+
+async def test_period_reset_is_a_ledger_entry(ledger: Ledger, redis: Any,
+                                              clock: ManualClock) -> None:
+    await ledger.upsert_plan("k", [Allowance(M, 1_000)])
+    await ledger.upsert_org("p", "k")
+    await use(ledger, Subject("p"), 10, "a")
+    clock.set(ms(2026, 12, 1))
+    await ledger.get_balance(Subject("p"), [M])
+    await ledger.get_balance(Subject("p"), [M])
+    raw = await redis.xrange(ledger.keys.ledger(ledger.keys.shard_of("p")))
+    resets = [f for _, f in raw if f[b"type"] == b"period_reset"]
+    assert len(resets) == 1 and resets[0][b"amount"] == b"1000"

@@ -80,14 +80,21 @@ async def test_per_seat_plan_and_one_time_trial(api: Api, server: Grpc) -> None:
     assert (await api.balance(sub("seats"))).total == 1_000
     await api.org("seats", plan="per_seat", seats=6)  # seats added: applies at once
     assert (await api.balance(sub("seats"))).total == 1_500
-    # A free trial is a one-time grant: a top-up with a fixed purchase id, applied once.
-    await api.plan("trial")
+    # A free trial is a one-time grant of the plan: applied once however often the plan
+    # is applied, changed away from and back to; it never renews and never expires.
+    await api.a.UpsertPlan(admin_pb2.UpsertPlanRequest(name="trial", allowances=[
+        admin_pb2.Allowance(meter=M, one_time=100)]))
+    for plan in ("trial", "trial", "pro", "trial"):
+        await api.org("trial", plan=plan)
     await api.org("trial", plan="trial")
-    for _ in range(3):
-        await api.topup(100, "trial-grant", org="trial")
-    assert (await api.balance(sub("trial"))).total == 100
+    b = await api.balance(sub("trial"))
+    assert (b.total, b.topup_remaining, b.monthly_granted) == (100, 100, 0)
+    await api.a.UpsertPlan(admin_pb2.UpsertPlanRequest(name="trial", allowances=[
+        admin_pb2.Allowance(meter=M, one_time=100)]))  # re-applied to its orgs: still once
+    await api.use(40, sub("trial"))
     server.app.clock.set(ms(2027, 3, 1))  # type: ignore[attr-defined]
-    assert (await api.balance(sub("trial"))).total == 100  # never renews, never expires
+    b = await api.balance(sub("trial"))
+    assert (b.used, b.total, b.remaining) == (0, 60, 60)
 
 
 async def test_topup_is_idempotent_on_purchase_id(api: Api) -> None:

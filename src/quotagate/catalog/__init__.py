@@ -60,7 +60,8 @@ def parse(data: dict[str, Any], source: str = "catalog") -> CatalogFile:
             where = f"{source}: plans.{name}.allowances.{meter}"
             allowances.append(Allowance(known(meter, where),
                                         _amount(a.get("monthly", 0), where + ".monthly"),
-                                        _amount(a.get("per_seat", 0), where + ".per_seat")))
+                                        _amount(a.get("per_seat", 0), where + ".per_seat"),
+                                        _amount(a.get("one_time", 0), where + ".one_time")))
         plans[name] = tuple(allowances)
 
     actions: dict[str, tuple[Charge, ...]] = {}

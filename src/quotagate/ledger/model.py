@@ -117,6 +117,7 @@ class Allowance:
     meter: str
     monthly: int = 0
     per_seat: int = 0
+    one_time: int = 0  # granted once per org (a trial), into the top-up bucket
 
 
 @dataclass(frozen=True, slots=True)

@@ -293,13 +293,15 @@ class Ledger:
             validate.meter(self.catalog, a.meter, f"allowances[{i}].meter")
             validate.amount(a.monthly, f"allowances[{i}].monthly", allow_zero=True)
             validate.amount(a.per_seat, f"allowances[{i}].per_seat", allow_zero=True)
+            validate.amount(a.one_time, f"allowances[{i}].one_time", allow_zero=True)
             if a.meter in seen:
                 raise InvalidArgument(f"meter {a.meter!r} appears twice",
                                       f"allowances[{i}].meter")
             seen.add(a.meter)
         key = self.keys.plan(name)
         before = await self._call(self.redis.hgetall(key))
-        fields = {"_": "1", **{a.meter: f"{a.monthly}:{a.per_seat}" for a in items}}
+        fields = {"_": "1", **{a.meter: f"{a.monthly}:{a.per_seat}:{a.one_time}"
+                               for a in items}}
         await self._call(self.redis.hset(key, mapping=fields))
         stale = [f for f in before if _s(f) not in fields]
         if stale:
@@ -325,8 +327,8 @@ class Ledger:
             meter = _s(m)
             if meter == "_" or meter not in self.catalog.meters:
                 continue
-            monthly, per_seat = _s(v).split(":")
-            out.append(Allowance(meter, int(monthly), int(per_seat)))
+            monthly, per_seat, *once = _s(v).split(":")
+            out.append(Allowance(meter, int(monthly), int(per_seat), int(once[0]) if once else 0))
         return tuple(out)
 
     async def upsert_org(self, org_id: str, plan: str, seats: int = 0,
@@ -356,7 +358,7 @@ class Ledger:
         for m in self.catalog.meters:
             a = by_meter.get(m, Allowance(m))
             keys.append(k.bal(org_id, m))
-            argv += [self._emeter[m], self._kind[m], a.monthly, a.per_seat]
+            argv += [self._emeter[m], self._kind[m], a.monthly, a.per_seat, a.one_time]
         argv.append(",".join(str(t) for t in self.opt.low_thresholds))
         reply = await self._call(self.scripts.configure(keys=keys, args=argv))
         _raise_if_error(reply)

@@ -33,7 +33,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def UpsertPlan(self, request: admin_pb2.UpsertPlanRequest,
                          context: grpc.aio.ServicerContext) -> admin_pb2.UpsertPlanResponse:
         created = await self.ledger.upsert_plan(request.name, [
-            model.Allowance(a.meter, a.monthly, a.per_seat) for a in request.allowances])
+            model.Allowance(a.meter, a.monthly, a.per_seat, a.one_time)
+            for a in request.allowances])
         return admin_pb2.UpsertPlanResponse(created=created)
 
     @translated

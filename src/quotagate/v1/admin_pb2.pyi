@@ -32,14 +32,16 @@ BUCKET_MONTHLY: Bucket
 BUCKET_TOPUP: Bucket
 
 class Allowance(_message.Message):
-    __slots__ = ("meter", "monthly", "per_seat")
+    __slots__ = ("meter", "monthly", "per_seat", "one_time")
     METER_FIELD_NUMBER: _ClassVar[int]
     MONTHLY_FIELD_NUMBER: _ClassVar[int]
     PER_SEAT_FIELD_NUMBER: _ClassVar[int]
+    ONE_TIME_FIELD_NUMBER: _ClassVar[int]
     meter: str
     monthly: int
     per_seat: int
-    def __init__(self, meter: _Optional[str] = ..., monthly: _Optional[int] = ..., per_seat: _Optional[int] = ...) -> None: ...
+    one_time: int
+    def __init__(self, meter: _Optional[str] = ..., monthly: _Optional[int] = ..., per_seat: _Optional[int] = ..., one_time: _Optional[int] = ...) -> None: ...
 
 class UpsertPlanRequest(_message.Message):
     __slots__ = ("name", "allowances")

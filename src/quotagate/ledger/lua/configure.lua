@@ -5,7 +5,7 @@
 -- ARGV[1]  op: org | team | seat | assistant | feature
 -- ARGV[2]  now (ms)   ARGV[3] ledger MAXLEN   ARGV[4] org (escaped)
 -- op org:       ARGV[5] plan  ARGV[6] seats  ARGV[7] anchor day  ARGV[8] ai ('1'|'0')
---               ARGV[9] n allowances, then meter, kind, monthly, per_seat for each (the
+--               ARGV[9] n allowances, then meter, kind, monthly, per_seat, one_time for each (the
 --               plan's allowances, denormalised here so the spend path reads one hash),
 --               then the wallet.low thresholds (% used, comma separated, e.g. '80,95')
 -- op team:      ARGV[5] team  ARGV[6] seats
@@ -128,11 +128,12 @@ if op == 'org' then
   local plan, seats, anchor, ai = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
   local old_anchor = redis.call('HGET', cfg, 'anchor')
   redis.call('HSET', cfg, 'plan', plan, 'seats', seats, 'anchor', I(anchor), 'ai', ai,
-    'lowpct', ARGV[10 + 4 * tonumber(ARGV[9])] or '80')
+    'lowpct', ARGV[10 + 5 * tonumber(ARGV[9])] or '80')
   local na = tonumber(ARGV[9])
   for i = 1, na do
-    local b = 9 + (i - 1) * 4
+    local b = 9 + (i - 1) * 5
     local meter, kind = ARGV[b + 1], ARGV[b + 2]
+    local once = tonumber(ARGV[b + 5])
     redis.call('HSET', cfg, 'am:' .. meter, ARGV[b + 3], 'ap:' .. meter, ARGV[b + 4])
     -- The new allowance applies to the current period at once (used tokens still count).
     local ctx = {cfg = cfg, bal = KEYS[2 + i], te = '', se = '', meter = meter, kind = kind}
@@ -140,6 +141,14 @@ if op == 'org' then
     local ws = chain_load(ctx)
     local grant = ctx.plan_grant - ctx.allocated - ctx.org.mx
     if ctx.org.mg ~= grant then ctx.org.mg = grant; ctx.org.dirty = true end
+    -- A one-time grant (a trial) lands once per org, plan and meter, whatever happens
+    -- later: it is recorded like a purchase with a reserved id.
+    if once > 0 and redis.call('HSETNX', shard_prefix(cfg) .. 'pur:' .. org,
+        'plan-grant:' .. plan .. ':' .. meter, meter .. '|' .. I(once) .. '||') == 1 then
+      ctx.org.tb = ctx.org.tb + once; ctx.org.dirty = true
+      ledger_add(ledger, maxlen, {'type', 'topup', 'org', org, 'team', '', 'seat', '',
+        'meter', meter, 'amount', I(once), 'purchase', 'plan-grant:' .. plan, 'at', I(now)})
+    end
     ctx.d = settle_debt(ctx.org, ctx.d)
     chain_save(ctx, ws)
     after_change(ctx, now, true)

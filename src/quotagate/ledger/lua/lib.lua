@@ -573,6 +573,8 @@ local function wallet_events(ctx, now)
     if epid ~= nil and tonumber(epid) ~= ctx.pid and ctx.kind ~= 'g' then
       emit(ctx.bal, 'period.reset', 'period.reset:' .. o .. ':' .. ctx.meter .. ':' .. I(ctx.pid),
         o, {meter = meter, period_start = I(ctx.pstart or 0)}, now)
+      ledger_add(shard_prefix(ctx.bal) .. 'ledger', 1000000, {'type', 'period_reset',
+        'org', o, 'meter', ctx.meter, 'amount', I(ow.mg), 'period', I(ctx.pid), 'at', I(now)})
     end
     lows, x = '', (x or '0')
   end
