@@ -157,6 +157,9 @@ class App:
             self.syncer = Syncer(self.redis, self.ledger.keys, self.sink, cat.catalog,
                                  SyncOptions.from_settings(s))
             telemetry.watch_sync(self.syncer)
+            if self.health is not None:
+                self.health.sync_lag = self.syncer.lag
+                self.health.sync_alert_seconds = s.sync_lag_alert_seconds
             self._tasks.append(asyncio.create_task(self.syncer.run(), name="syncer"))
         self.metrics = telemetry.start_metrics_server(s.metrics_listen)
 

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     tls_key: str = Field("", description="PEM private key of QUOTAGATE_TLS_CERT")
     tls_client_ca: str = Field("", description="PEM CA bundle: when set, clients must present a certificate it signed (mTLS)")
     # -- sync: ledger stream -> SQL ---------------------------------------------------------
+    sync_lag_alert_seconds: float = Field(60.0, ge=0, le=86400, description="health service quotagate.v1.Sync turns NOT_SERVING when SQL lags more than this")
     sync_in_process: bool = Field(True, description="run the syncer inside `serve` (false: run `quotagate sync` separately)")
     sync_batch_size: int = Field(1000, ge=1, le=100000, description="ledger entries read per shard per batch")
     sync_poll_ms: int = Field(200, ge=1, le=60000, description="how often the syncer looks for new entries when idle")
