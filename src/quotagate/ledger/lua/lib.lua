@@ -95,17 +95,11 @@ end
 local function wallet_save(w, debt)
   if not w.dirty and debt == nil then return end
   local p = w.pfx
-  if debt ~= nil then
-    redis.call('HSET', w.bal, p .. 'p', I(w.p), p .. 'mg', I(w.mg), p .. 'mu', I(w.mu),
-      p .. 'mh', I(w.mh), p .. 'tb', I(w.tb), p .. 'th', I(w.th), p .. 'tu', I(w.tu),
-      p .. 'cu', I(w.cu), p .. 'ch', I(w.ch), p .. 'mx', I(w.mx), p .. 'ou', I(w.ou),
-      p .. 'oh', I(w.oh), 'd', I(debt))
-  else
-    redis.call('HSET', w.bal, p .. 'p', I(w.p), p .. 'mg', I(w.mg), p .. 'mu', I(w.mu),
-      p .. 'mh', I(w.mh), p .. 'tb', I(w.tb), p .. 'th', I(w.th), p .. 'tu', I(w.tu),
-      p .. 'cu', I(w.cu), p .. 'ch', I(w.ch), p .. 'mx', I(w.mx), p .. 'ou', I(w.ou),
-      p .. 'oh', I(w.oh))
-  end
+  local f = {p .. 'p', I(w.p), p .. 'mg', I(w.mg), p .. 'mu', I(w.mu), p .. 'mh', I(w.mh),
+    p .. 'tb', I(w.tb), p .. 'th', I(w.th), p .. 'tu', I(w.tu), p .. 'cu', I(w.cu),
+    p .. 'ch', I(w.ch), p .. 'mx', I(w.mx), p .. 'ou', I(w.ou), p .. 'oh', I(w.oh)}
+  if debt ~= nil then f[#f + 1] = 'd'; f[#f + 1] = I(debt) end
+  redis.call('HSET', w.bal, unpack(f))
   w.dirty = false
 end
 
