@@ -16,7 +16,7 @@ Per round, for every shard (one pipelined Redis round trip for all shards):
 A crash between 3 and 4 re-delivers the batch; step 3 then inserts nothing twice.
 
 Test hook: with `QUOTAGATE_FAULT_EXIT_AFTER_COMMIT=1` in the environment the process
-calls `os._exit(137)` right after the SQL commit, before XACK (the kill test of
+SIGKILLs itself right after the SQL commit, before XACK (the kill test of
 tests/sync). Never set it in production.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -224,7 +225,7 @@ class Syncer:
         snaps = await self._snapshots(uniq)
         inserted = await self.sink.write(uniq, snaps)
         if os.environ.get(FAULT_ENV) == "1":  # test hook, see the module doc
-            os._exit(137)
+            os.kill(os.getpid(), signal.SIGKILL)
         await self._ack(batch.ids)
         return SyncCounts(read=len(uniq), inserted=inserted, duplicates=len(uniq) - inserted,
                           claimed=batch.claimed, batches=1, snapshots=len(snaps))
