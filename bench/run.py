@@ -133,6 +133,14 @@ def floor(port: int, requests: int) -> dict[str, Any]:
             else None, "p99_ms": float(fields[6]) if len(fields) > 6 else None}
 
 
+async def org_memory(r: Any, ledger: Ledger, org: str) -> int:
+    """Bytes of every key that belongs to one org (its keys contain its escaped id)."""
+    k = ledger.keys
+    keys = [k.cfg(org), k.purchases(org), *(k.bal(org, m) for m in ledger.catalog.meters)]
+    keys += [x async for x in r.scan_iter(f"{k.org_prefix(org)}idem:{escape(org)}:*")]
+    return sum([await r.memory_usage(key) or 0 for key in keys])
+
+
 async def scale(url: str) -> dict[str, Any]:
     """Redis-side cost per Reserve at 1,000 and 1,000,000 orgs, and memory per org."""
     r = aioredis.Redis.from_url(url, max_connections=64)
@@ -172,14 +180,14 @@ async def scale(url: str) -> dict[str, Any]:
         await ledger.upsert_seat(org, f"s{s}", f"t{s % 3}")
         await ledger.reserve(Subject(org, seat_id=f"s{s}"), [Charge(M, 10)],
                              idempotency_key=f"mem{s}")
-    k = ledger.keys
-    mem = sum([await r.memory_usage(key) or 0 for key in (k.cfg(org), k.bal(org, M))])
+    mem = await org_memory(r, ledger, org)
     await r.aclose()
     return {"usec_per_reserve_1k_orgs": small, "usec_per_reserve_1m_orgs": large,
             "ratio_1m_to_1k": round(large / small, 3),
             "bytes_per_org_3_teams_20_seats": mem,
-            "note": "Redis-side EVALSHA time per Reserve (commandstats); memory from MEMORY "
-                    "USAGE of the org's configuration and balance hashes (holds excluded)"}
+            "note": "Redis-side EVALSHA time per Reserve (commandstats); memory: MEMORY USAGE "
+                    "of every key of the org (configuration, each meter's balances, purchases, "
+                    "idempotency records), open holds excluded"}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
