@@ -24,9 +24,9 @@ run: $(STAMP) ## serve on the embedded Redis + SQLite, seeded with the demo org 
 	@echo "try:  $(PY) examples/quickstart.py $(LISTEN)"
 	QUOTAGATE_LISTEN=$(LISTEN) QUOTAGATE_CATALOG=examples/catalog.toml $(VENV)/bin/quotagate serve
 
-test: $(STAMP) ## run the tests (own Redis servers), then the core suites on a 3-master Redis Cluster
+test: $(STAMP) ## run the tests (own Redis servers), then again on a 3-master Redis Cluster
 	$(PY) -m pytest -q
-	QUOTAGATE_TEST_REDIS=cluster $(PY) -m pytest -q tests/server tests/ledger
+	QUOTAGATE_TEST_REDIS=cluster $(PY) -m pytest -q tests --ignore=tests/test_proto.py --ignore=tests/test_serve.py
 
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check src tests bench
