@@ -32,9 +32,8 @@ M = "message_tokens"
 
 def start_server(data_dir: str) -> tuple[subprocess.Popen[str], int]:
     env = {**os.environ, "QUOTAGATE_LISTEN": "127.0.0.1:0", "QUOTAGATE_DATA_DIR": data_dir,
-           "QUOTAGATE_LOG_LEVEL": "WARNING"}
+           "QUOTAGATE_LOG_LEVEL": "INFO"}  # INFO: the "serving on" line gives the port
     env.pop("QUOTAGATE_REDIS_URL", None)
-    env["QUOTAGATE_LOG_LEVEL"] = "INFO"
     proc = subprocess.Popen([sys.executable, "-m", "quotagate", "serve"], env=env, text=True,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert proc.stderr is not None
