@@ -65,10 +65,12 @@ def cat() -> catalog.CatalogFile:
 
 
 @pytest.fixture
-async def ledger(redis: Any, clock: ManualClock, cat: catalog.CatalogFile) -> Ledger:
+async def ledger(redis: Any, clock: ManualClock,
+                 cat: catalog.CatalogFile) -> AsyncIterator[Ledger]:
     led = Ledger(redis, cat.catalog, clock, Keys(64))
     await led.upsert_plan("pro", [Allowance("message_tokens", 2_000_000)])
-    return led
+    yield led
+    await led.aclose()
 
 
 class Grpc:

@@ -81,7 +81,8 @@ class App:
         self.redis = self.redis_client(url)
         self.ledger = Ledger(self.redis, cat.catalog, self.clock, Keys(s.shards), LedgerOptions(
             default_ttl_s=s.default_ttl_seconds, max_ttl_s=s.max_ttl_seconds,
-            low_thresholds=tuple(int(t) for t in s.low_thresholds.split(","))))
+            low_thresholds=tuple(int(t) for t in s.low_thresholds.split(",")),
+            pipeline=s.redis_pipeline))
         self.health = Health(self.ledger)
         if await self.health.probe():
             await self._apply_catalog(cat)
@@ -190,6 +191,8 @@ class App:
             await self.sink.close()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.ledger is not None:
+            await self.ledger.aclose()
         if self.redis is not None:
             await self.redis.aclose()
         if self.embedded:

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     shards: int = Field(256, ge=1, le=16384, description="virtual shards; fixed for a deployment")
     default_ttl_seconds: int = Field(300, ge=1, le=86400, description="hold TTL when a request gives none")
     max_ttl_seconds: int = Field(86400, ge=1, le=86400, description="longest TTL a request may ask for")
+    redis_pipeline: bool = Field(True, description="spend-path scripts of concurrent requests share one pipelined connection per worker, written once per loop turn (single Redis; a cluster always uses the pooled client)")
     redis_timeout_ms: int = Field(500, ge=10, le=60000, description="per-command Redis timeout; past it: UNAVAILABLE")
     sweep_interval_ms: int = Field(1000, ge=10, le=600000, description="how often expired holds are swept")
     grace_seconds: float = Field(5.0, ge=0, le=300, description="drain time on SIGTERM before in-flight RPCs are cut")

@@ -121,6 +121,7 @@ async def test_low_thresholds_are_configurable(redis: Any, clock: ManualClock) -
     lows = [a["threshold_percent"] for t, _, a in await events(ledger, redis, "t")
             if t == "wallet.low"]
     assert lows == ["50", "90"]
+    await ledger.aclose()
 
 
 async def test_period_reset_is_a_ledger_entry(ledger: Ledger, redis: Any,

@@ -541,6 +541,10 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model.expire_due(self.clock.now_ms(), 100)
         assert n >= 0
 
+    def teardown(self) -> None:
+        if hasattr(self, "ledger"):
+            self.run(self.ledger.aclose())
+
     @invariant()
     def balances_match_model(self) -> None:
         if not hasattr(self, "model"):

@@ -35,6 +35,7 @@ from quotagate.ledger.model import (
     Subject,
     TopUpResult,
 )
+from quotagate.ledger.mux import Mux
 from quotagate.ledger.scripts import Scripts
 
 T = TypeVar("T")
@@ -53,6 +54,9 @@ class LedgerOptions:
     sweep_batch: int = 100
     #: wallet.low fires when this much of an org's wallet is used (percent, ascending)
     low_thresholds: tuple[int, ...] = (80,)
+    #: spend-path scripts share one pipelined connection (ledger/mux.py) on a single
+    #: Redis; False: each goes through redis-py's pool like every other command
+    pipeline: bool = True
 
 
 def _s(v: Any) -> str:
@@ -91,6 +95,22 @@ class Ledger:
         self._kind = {m: k.value for m, k in catalog.meters.items()}
         self.cluster = isinstance(redis, RedisClusterClient)
         self._emeter = {m: escape(m) for m in catalog.meters}
+        self.mux: Mux | None = None
+        if self.opt.pipeline and not self.cluster:
+            timeout = getattr(redis, "connection_pool", None) and \
+                redis.connection_pool.connection_kwargs.get("socket_timeout")
+            self.mux = Mux.for_client(redis, float(timeout or 5.0))
+
+    async def aclose(self) -> None:
+        """Close the spend path's own connection (the redis client is the caller's)."""
+        if self.mux is not None:
+            await self.mux.aclose()
+
+    def _script(self, script: Any, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
+        """One spend-path script run: pipelined on the mux, else through redis-py."""
+        if self.mux is not None:
+            return self.mux.evalsha(script, keys, args)
+        return script(keys=keys, args=args)  # type: ignore[no-any-return]
 
     async def _call(self, aw: Awaitable[T]) -> T:
         try:
@@ -173,7 +193,7 @@ class Ledger:
         for c in items:
             keys.append(k.bal(s.org_id, c.meter))
             argv += [self._emeter[c.meter], self._kind[c.meter], c.amount]
-        return await self._call(self.scripts.reserve(keys=keys, args=argv))
+        return await self._call(self._script(self.scripts.reserve, keys=keys, args=argv))
 
     def _hold_key(self, reservation_id: str) -> str:
         if not reservation_id:
@@ -200,7 +220,7 @@ class Ledger:
         items = validate.charges(self.catalog, actual, "actual", allow_zero=True,
                                  required=False)
         lbl = json.dumps(dict(sorted(labels.items())), separators=(",", ":")) if labels else ""
-        reply = await self._call(self.scripts.commit(keys=[key], args=[
+        reply = await self._call(self._script(self.scripts.commit, keys=[key], args=[
             self.clock.now_ms(), self.opt.retain_ms, self.opt.ledger_maxlen, lbl,
             *self._amounts(items or None)]))
         _raise_if_error(reply)
@@ -215,7 +235,7 @@ class Ledger:
         items = validate.charges(self.catalog, amount, "amount", required=False)
         if len(reason) > 1024:
             raise InvalidArgument("must be at most 1024 characters", "reason")
-        reply = await self._call(self.scripts.refund(keys=[key], args=[
+        reply = await self._call(self._script(self.scripts.refund, keys=[key], args=[
             self.clock.now_ms(), self.opt.retain_ms, self.opt.ledger_maxlen, reason,
             *self._amounts(items or None)]))
         _raise_if_error(reply)
@@ -227,7 +247,7 @@ class Ledger:
         key = self._hold_key(reservation_id)
         items = validate.charges(self.catalog, additional, "additional", required=False)
         ttl = self._ttl_ms(ttl_seconds)
-        reply = await self._call(self.scripts.extend(keys=[key], args=[
+        reply = await self._call(self._script(self.scripts.extend, keys=[key], args=[
             self.clock.now_ms(), ttl, self.opt.ledger_maxlen, *self._amounts(items)]))
         _raise_if_error(reply)
         if _s(reply[1]) == "G":
@@ -249,7 +269,7 @@ class Ledger:
         for m in names:
             keys.append(k.bal(subject.org_id, m))
             argv += [self._emeter[m], self._kind[m]]
-        reply = await self._call(self.scripts.balance(keys=keys, args=argv))
+        reply = await self._call(self._script(self.scripts.balance, keys=keys, args=argv))
         _raise_if_error(reply)
         return tuple(_balance(b) for b in reply[1])
 

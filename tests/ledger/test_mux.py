@@ -1,0 +1,162 @@
+"""The spend path's pipelined connection (ledger/mux.py) on real Redis servers: concurrent
+requests share writes, a silent or lost Redis is answered fast with UNAVAILABLE and costs
+nothing twice, and the connection follows the URL's password and database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from conftest import CLUSTER
+from quotagate import catalog
+from quotagate.clock import ManualClock
+from quotagate.errors import Unavailable
+from quotagate.ledger.keys import Keys
+from quotagate.ledger.model import Allowance, Charge, Decision, Subject
+from quotagate.ledger.store import Ledger, LedgerOptions
+from redis_server import RedisServer
+
+pytestmark = pytest.mark.skipif(
+    CLUSTER, reason="the pipelined connection serves single servers; a cluster uses redis-py")
+
+M = "message_tokens"
+
+
+async def open_ledger(url: str, clock: ManualClock, timeout_s: float = 0.3,
+                      pipeline: bool = True) -> tuple[Any, Ledger]:
+    r = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
+                                socket_connect_timeout=timeout_s)
+    led = Ledger(r, catalog.load(None).catalog, clock, Keys(8),
+                 LedgerOptions(pipeline=pipeline))
+    await led.upsert_plan("p", [Allowance(M, 1_000_000)])
+    await led.upsert_org("o", "p")
+    return r, led
+
+
+async def used(led: Ledger) -> tuple[int, int]:
+    (b,) = await led.get_balance(Subject("o"), [M])
+    return b.used, b.reserved
+
+
+async def test_concurrent_requests_share_round_trips(redis_server: Any, redis: Any,
+                                                     clock: ManualClock) -> None:
+    r, led = await open_ledger(redis_server.url, clock)
+    assert led.mux is not None
+    # Scripts not in Redis's cache: the 50 requests that meet NOSCRIPT together load the
+    # script once between them.
+    await r.script_flush()
+    await r.config_resetstat()
+    first = await asyncio.gather(*(led.reserve(Subject("o"), [Charge(M, 10)],
+                                               idempotency_key=f"f{i}") for i in range(50)))
+    assert all(x.decision is Decision.GRANTED for x in first)
+    stats = await r.info("commandstats")
+    assert stats["cmdstat_script|load"]["calls"] == 1
+    assert stats["cmdstat_evalsha"]["calls"] == 100  # each: NOSCRIPT, then the run
+    for x in first:
+        await led.refund(x.reservation_id)
+    before = (await r.info("stats"))["total_reads_processed"]
+    n = 200
+    res = await asyncio.gather(*(led.reserve(Subject("o"), [Charge(M, 10)],
+                                             idempotency_key=f"k{i}") for i in range(n)))
+    assert all(x.decision is Decision.GRANTED for x in res)
+    assert len({x.reservation_id for x in res}) == n
+    reads = (await r.info("stats"))["total_reads_processed"] - before
+    # 200 scripts arrived in far fewer socket reads than one each: they were pipelined.
+    assert reads < n / 4, reads
+    await asyncio.gather(*(led.commit(x.reservation_id) for x in res))
+    assert await used(led) == (10 * n, 0)
+    await led.aclose()
+    await r.aclose()
+
+
+async def test_unpipelined_path_gives_the_same_answers(redis_server: Any, redis: Any,
+                                                       clock: ManualClock) -> None:
+    r, led = await open_ledger(redis_server.url, clock, pipeline=False)
+    assert led.mux is None
+    res = await asyncio.gather(*(led.reserve(Subject("o"), [Charge(M, 10)],
+                                             idempotency_key=f"u{i}") for i in range(50)))
+    await asyncio.gather(*(led.commit(x.reservation_id, [Charge(M, 7)]) for x in res))
+    assert await used(led) == (350, 0)
+    await r.aclose()
+
+
+async def test_silent_redis_is_unavailable_fast_and_retry_charges_once(
+        clock: ManualClock) -> None:
+    srv = RedisServer().start()
+    try:
+        r, led = await open_ledger(srv.url, clock, timeout_s=0.3)
+        other = aioredis.Redis.from_url(srv.url)
+        await other.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        t = time.monotonic()
+        with pytest.raises(Unavailable):
+            await led.reserve(Subject("o"), [Charge(M, 40)], idempotency_key="once")
+        assert time.monotonic() - t < 1.2  # the timeout (0.3 s), not the pause
+        await asyncio.sleep(1.6)  # the pause ends; the timed-out script may have run
+        again = await led.reserve(Subject("o"), [Charge(M, 40)], idempotency_key="once")
+        assert again.decision is Decision.GRANTED
+        assert await used(led) == (0, 40)  # one hold, whether the first one ran or not
+        await led.commit(again.reservation_id)
+        assert await used(led) == (40, 0)
+        await led.aclose()
+        await other.aclose()
+        await r.aclose()
+    finally:
+        srv.close()
+
+
+async def test_restarted_redis_reconnects_and_reloads_scripts(clock: ManualClock) -> None:
+    srv = RedisServer().start()
+    try:
+        r, led = await open_ledger(srv.url, clock)
+        first = await led.reserve(Subject("o"), [Charge(M, 5)], idempotency_key="a")
+        srv.stop()
+        t = time.monotonic()
+        with pytest.raises(Unavailable):
+            await led.commit(first.reservation_id)
+        with pytest.raises(Unavailable):  # no server: the connect fails, fast
+            await led.commit(first.reservation_id)
+        assert time.monotonic() - t < 2
+        srv.start()  # empty: no data, no scripts
+        for _ in range(3):  # redis-py's pooled connections may be stale once
+            try:
+                await led.upsert_plan("p", [Allowance(M, 1_000_000)])
+                break
+            except Unavailable:
+                pass
+        await led.upsert_plan("p", [Allowance(M, 1_000_000)])
+        await led.upsert_org("o", "p")
+        res = await led.reserve(Subject("o"), [Charge(M, 5)], idempotency_key="b")
+        assert res.decision is Decision.GRANTED
+        await led.commit(res.reservation_id)
+        assert await used(led) == (5, 0)
+        await led.aclose()
+        await r.aclose()
+    finally:
+        srv.close()
+
+
+async def test_password_and_database_of_the_url(clock: ManualClock) -> None:
+    srv = RedisServer("--requirepass", "s3cret").start()
+    try:
+        base = f"redis://:s3cret@127.0.0.1:{srv.port}"
+        r, led = await open_ledger(f"{base}/3", clock)
+        res = await led.reserve(Subject("o"), [Charge(M, 5)], idempotency_key="a")
+        assert res.decision is Decision.GRANTED
+        db3 = aioredis.Redis.from_url(f"{base}/3")
+        db0 = aioredis.Redis.from_url(f"{base}/0")
+        assert await db3.exists(led.keys.hold(res.reservation_id)) == 1
+        assert await db0.dbsize() == 0
+        bad = aioredis.Redis.from_url(f"redis://:nope@127.0.0.1:{srv.port}/3")
+        wrong = Ledger(bad, catalog.load(None).catalog, clock, Keys(8))
+        with pytest.raises(Unavailable):
+            await wrong.reserve(Subject("o"), [Charge(M, 5)], idempotency_key="b")
+        for c in (db3, db0, r, bad):
+            await c.aclose()
+        await led.aclose()
+        await wrong.aclose()
+    finally:
+        srv.close()
