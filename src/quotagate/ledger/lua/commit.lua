@@ -59,6 +59,7 @@ if h.st == 'C' or h.st == 'R' then return answer(h.st) end
 
 local late = (h.st == 'E')
 local fields = {'st', 'C', 'done', I(now)}
+local out, bals = {}, {}
 for i = 1, h.n do
   local ctx = hold_ctx(h, i, now)
   local ws = chain_load(ctx)
@@ -90,6 +91,10 @@ for i = 1, h.n do
   if h.ae ~= '' and chain_available(ctx, ws) <= 0 then
     assistant_deactivate(ctx, h.ae, 'exhausted', now)
   end
+  -- The answer's balances come from the wallets just saved: no second read.
+  out[#out + 1] = h['m' .. i]; out[#out + 1] = a
+  local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h['m' .. i], ctx))
+  bals[i] = chain_view(ctx, ws, h['m' .. i], room, ctx.pstart, ctx.pend)
   local x = takes_encode(charged)
   h['c' .. i] = I(a)
   fields[#fields + 1] = 'c' .. i; fields[#fields + 1] = I(a)
@@ -106,4 +111,4 @@ local gauge = false
 for i = 1, h.n do if h['k' .. i] == 'g' then gauge = true end end
 if gauge then redis.call('PERSIST', key) else redis.call('PEXPIRE', key, retain) end
 redis.call('ZREM', h.pre .. 'exp', h.rid)
-return answer('C')
+return {'OK', HOLD_STATE['C'], out, bals}

@@ -67,39 +67,63 @@ local function period_of(now_ms, anchor)
 end
 
 local WF = {'p', 'mg', 'mu', 'mh', 'tb', 'th', 'tu', 'cu', 'ch', 'mx', 'ou', 'oh'}
+local NWF = #WF
 
--- Load a wallet, rolling its monthly fields into period `pid` when they belong to an
--- older one (the lazy reset: unused monthly tokens do not roll over; top-ups stay).
--- `grant` is the monthly allowance for a new period (org: plan; team/seat: 0).
--- `extra` names more fields of the hash to read in the same HMGET (w.extra[name]).
-local function wallet_load(bal, pfx, pid, grant, extra)
-  local v = redis.call('HMGET', bal, pfx .. 'p', pfx .. 'mg', pfx .. 'mu', pfx .. 'mh',
-    pfx .. 'tb', pfx .. 'th', pfx .. 'tu', pfx .. 'cu', pfx .. 'ch', pfx .. 'mx', pfx .. 'ou',
-    pfx .. 'oh', unpack(extra or {}))
-  local w = {bal = bal, pfx = pfx, dirty = false, rolled = false, extra = {}}
-  if extra then
-    for i = 1, #extra do w.extra[extra[i]] = v[#WF + i] end
+-- A wallet from values v[off+1 .. off+NWF] of an HMGET, rolling its monthly fields into
+-- period `pid` when they belong to an older one (the lazy reset: unused monthly tokens
+-- do not roll over; top-ups stay). `grant` is the monthly allowance for a new period
+-- (org: plan; team/seat: 0). w.o keeps what was read, so a save writes only what changed.
+local function wallet_from(v, off, bal, pfx, pid, grant)
+  local w = {bal = bal, pfx = pfx, dirty = false, rolled = false, extra = {}, o = {}}
+  local o = w.o
+  for i = 1, NWF do
+    local x = v[off + i]
+    o[i] = x
+    w[WF[i]] = N(x)
   end
-  for i = 1, #WF do w[WF[i]] = N(v[i]) end
-  if v[1] == false or N(v[1]) ~= pid then
+  local p0 = v[off + 1]
+  if p0 == false or N(p0) ~= pid then
     w.prev_ou, w.prev_p = w.ou, w.p
     w.p = pid; w.mg = grant; w.mu = 0; w.mh = 0; w.tu = 0; w.cu = 0; w.ch = 0
     w.mx = 0; w.ou = 0; w.oh = 0
     w.dirty = true
-    w.rolled = (v[1] ~= false)
+    w.rolled = (p0 ~= false)
   end
   return w
 end
 
+-- Load one wallet. `extra` names more fields of the hash to read in the same HMGET
+-- (w.extra[name]).
+local function wallet_load(bal, pfx, pid, grant, extra)
+  local names = {}
+  for i = 1, NWF do names[i] = pfx .. WF[i] end
+  if extra then
+    for i = 1, #extra do names[NWF + i] = extra[i] end
+  end
+  local v = redis.call('HMGET', bal, unpack(names))
+  local w = wallet_from(v, 0, bal, pfx, pid, grant)
+  if extra then
+    for i = 1, #extra do w.extra[extra[i]] = v[NWF + i] end
+  end
+  return w
+end
+
+-- Write the fields that differ from what was read (all of them for a new wallet).
 -- `debt`: the org wallet also writes the org's debt in the same HSET.
 local function wallet_save(w, debt)
   if not w.dirty and debt == nil then return end
-  local p = w.pfx
-  local f = {p .. 'p', I(w.p), p .. 'mg', I(w.mg), p .. 'mu', I(w.mu), p .. 'mh', I(w.mh),
-    p .. 'tb', I(w.tb), p .. 'th', I(w.th), p .. 'tu', I(w.tu), p .. 'cu', I(w.cu),
-    p .. 'ch', I(w.ch), p .. 'mx', I(w.mx), p .. 'ou', I(w.ou), p .. 'oh', I(w.oh)}
+  local p, o, f = w.pfx, w.o, {}
+  for i = 1, NWF do
+    local val = w[WF[i]]
+    local was = o[i]
+    if was == false or tonumber(was) ~= val then
+      local str = I(val)
+      f[#f + 1] = p .. WF[i]; f[#f + 1] = str
+      o[i] = str
+    end
+  end
   if debt ~= nil then f[#f + 1] = 'd'; f[#f + 1] = I(debt) end
-  redis.call('HSET', w.bal, unpack(f))
+  if #f > 0 then redis.call('HSET', w.bal, unpack(f)) end
   w.dirty = false
 end
 
@@ -159,19 +183,28 @@ local function chain_load(ctx)
   -- Seat cap for this meter: -1 when unlimited (no limit set) or no seat.
   ctx.limit = -1
   if ctx.se ~= '' and c[12] then ctx.limit = tonumber(c[12]) end
+  -- Every wallet of the chain (seat, team, org) and the org's extra fields: one HMGET.
+  local levels = {}
+  if ctx.se ~= '' then levels[#levels + 1] = {'S', level_pfx('S', te, ctx.se), 0} end
+  if te ~= '' then levels[#levels + 1] = {'T', level_pfx('T', te, ctx.se), N(c[6])} end
+  levels[#levels + 1] = {'O', '', ctx.plan_grant - ctx.allocated}
+  local names = {}
+  for l = 1, #levels do
+    local pfx = levels[l][2]
+    for i = 1, NWF do names[#names + 1] = pfx .. WF[i] end
+  end
+  local nw = #names
+  names[nw + 1] = 'd'; names[nw + 2] = 'ev'; names[nw + 3] = 'atu'
+  local v = redis.call('HMGET', ctx.bal, unpack(names))
   local ws = {}
-  if ctx.se ~= '' then
-    ws[#ws + 1] = wallet_load(ctx.bal, level_pfx('S', te, ctx.se), ctx.pid, 0)
-    ws[#ws].level = 'S'
+  for l = 1, #levels do
+    local lv = levels[l]
+    local w = wallet_from(v, (l - 1) * NWF, ctx.bal, lv[2], ctx.pid, lv[3])
+    w.level = lv[1]
+    ws[l] = w
   end
-  if te ~= '' then
-    ws[#ws + 1] = wallet_load(ctx.bal, level_pfx('T', te, ctx.se), ctx.pid, N(c[6]))
-    ws[#ws].level = 'T'
-  end
-  local ow = wallet_load(ctx.bal, '', ctx.pid, ctx.plan_grant - ctx.allocated,
-    {'d', 'ev', 'atu'})
-  ow.level = 'O'
-  ws[#ws + 1] = ow
+  local ow = ws[#ws]
+  ow.extra.d, ow.extra.ev, ow.extra.atu = v[nw + 1], v[nw + 2], v[nw + 3]
   ctx.d = settle_debt(ow, N(ow.extra.d))
   ctx.org = ow
   -- Where the org allocates this meter to teams, a team's allocation is its budget: its
