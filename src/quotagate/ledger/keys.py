@@ -19,19 +19,22 @@ import zlib
 from urllib.parse import unquote_to_bytes
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _RID = re.compile(r"^r([0-9]{1,6})\.([0-9a-f]{32})$")
 
 
 def escape(raw: str) -> str:
     """Percent-encode every byte of the UTF-8 form that is not [A-Za-z0-9_.-]."""
-    data = raw.encode("utf-8")
-    if all(b in _SAFE for b in data):
+    if not _UNSAFE.search(raw):
         return raw
+    data = raw.encode("utf-8")
     return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in data)
 
 
 def unescape(escaped: str) -> str:
     """Inverse of ``escape``."""
+    if "%" not in escaped:
+        return escaped
     return unquote_to_bytes(escaped).decode("utf-8")
 
 

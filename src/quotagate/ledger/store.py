@@ -64,11 +64,11 @@ def _s(v: Any) -> str:
 
 
 def _i(v: Any) -> int:
-    return int(v.decode() if isinstance(v, bytes) else v)
+    return int(v)  # int() takes ASCII digits as bytes too
 
 
 def _balance(row: Sequence[Any]) -> MeterBalance:
-    return MeterBalance(unescape(_s(row[0])), *(_i(x) for x in row[1:13]))
+    return MeterBalance(unescape(_s(row[0])), *map(int, row[1:13]))
 
 
 def _charges(flat: Sequence[Any]) -> tuple[Charge, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from quotagate.errors import InvalidArgument
@@ -9,6 +10,8 @@ from quotagate.ledger.model import Catalog, Charge, MeterKind, Subject
 
 MAX_AMOUNT = 2**50
 MAX_ID_BYTES = 128
+#: C0 and C1 control characters and lone surrogates
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def ident(value: str, field: str, required: bool = True) -> str:
@@ -17,9 +20,11 @@ def ident(value: str, field: str, required: bool = True) -> str:
         if required:
             raise InvalidArgument("is required", field)
         return value
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+    # at most 4 bytes a character: 32 characters always fit
+    if len(value) > MAX_ID_BYTES // 4 and \
+            len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
         raise InvalidArgument(f"must be at most {MAX_ID_BYTES} bytes", field)
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in value):
+    if _CONTROL.search(value):
         raise InvalidArgument("must not contain control characters", field)
     return value
 
