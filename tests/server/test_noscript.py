@@ -1,4 +1,5 @@
-"""The NOSCRIPT path: after SCRIPT FLUSH (or a Redis restart) calls still work."""
+"""After SCRIPT FLUSH and FUNCTION FLUSH (or a Redis restart without persistence) calls
+still work: what is missing is loaded again."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ async def test_calls_survive_script_flush(server: Grpc, redis: Any) -> None:
                                    charges=[common_pb2.Charge(meter="message_tokens", amount=5)])
     first = await server.quota.Reserve(req)
     await redis.script_flush()
+    await redis.function_flush()
     assert not any(await redis.script_exists(server.app.ledger.scripts.commit.sha))
     c = await server.quota.Commit(quota_pb2.CommitRequest(reservation_id=first.reservation_id))
     assert c.state == common_pb2.HOLD_STATE_COMMITTED
     await redis.script_flush()
+    await redis.function_flush()
     req.idempotency_key = "b"
     assert (await server.quota.Reserve(req)).decision == common_pb2.DECISION_GRANTED
     b = (await server.quota.GetBalance(quota_pb2.GetBalanceRequest(

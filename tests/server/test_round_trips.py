@@ -1,4 +1,5 @@
-"""Each runtime RPC is exactly one Redis round trip: one EVALSHA, nothing else.
+"""Each runtime RPC is exactly one Redis round trip: one FCALL (a Redis Function), nothing
+else.
 
 MONITOR shows every command a client sends and tags those a Lua script issues as `lua`,
 so the client-issued commands between two markers are exactly the RPC's round trips."""
@@ -85,7 +86,7 @@ async def quiet_server(own_redis: RedisServer, tmp_path: Any) -> AsyncIterator[G
     await app.stop()
 
 
-async def test_reserve_commit_check_balance_are_one_evalsha_each(
+async def test_reserve_commit_check_balance_are_one_fcall_each(
         quiet_server: Grpc, own_redis: RedisServer) -> None:
     redis_server = own_redis
     server = quiet_server
@@ -115,5 +116,5 @@ async def test_reserve_commit_check_balance_are_one_evalsha_each(
     marker.echo("stop-monitor")
     marker.close()
     seen = dict(zip(names, mon.segments()[:len(names)], strict=True))
-    assert seen == {"Reserve": ["EVALSHA"], "Commit": ["EVALSHA"], "Check": ["EVALSHA"],
-                    "GetBalance": ["EVALSHA"]}
+    assert seen == {"Reserve": ["FCALL"], "Commit": ["FCALL"], "Check": ["FCALL"],
+                    "GetBalance": ["FCALL"]}

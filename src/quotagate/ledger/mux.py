@@ -16,7 +16,8 @@ connection per worker process:
 
 Each command is still exactly one script run; batching changes how bytes travel, never
 what a script sees. Error replies become redis-py's exception classes (NoScriptError,
-BusyLoadingError, ResponseError, …) so callers handle both clients alike.
+BusyLoadingError, ResponseError, …) so scripts.py handles both clients alike (it loads
+a missing script or Function library once and retries).
 Single servers only: on Redis Cluster the spend path stays on redis-py's cluster client.
 """
 
@@ -146,7 +147,6 @@ class Mux:
         self.timeout = timeout
         self._conn: _Conn | None = None
         self._connecting: asyncio.Task[_Conn] | None = None
-        self._loading: dict[str, asyncio.Future[Any]] = {}
 
     @classmethod
     def for_client(cls, client: Any, timeout: float) -> Mux | None:
@@ -212,23 +212,6 @@ class Mux:
         if conn is None or conn.closed:
             conn = await self._connection()
         return await conn.send(pack(args))
-
-    async def evalsha(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
-        """Run a redis-py script object. NOSCRIPT (Redis restarted or flushed its scripts)
-        loads it again, once for all the requests that met it together, and retries."""
-        try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except redis_errors.NoScriptError:
-            await self._load(script)
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-
-    async def _load(self, script: Any) -> None:
-        loading = self._loading.get(script.sha)
-        if loading is None:
-            loading = asyncio.ensure_future(self.execute("SCRIPT", "LOAD", script.script))
-            self._loading[script.sha] = loading
-            loading.add_done_callback(lambda _: self._loading.pop(script.sha, None))
-        await asyncio.shield(loading)
 
     async def aclose(self) -> None:
         if self._connecting is not None:

@@ -57,6 +57,8 @@ class LedgerOptions:
     #: spend-path scripts share one pipelined connection (ledger/mux.py) on a single
     #: Redis; False: each goes through redis-py's pool like every other command
     pipeline: bool = True
+    #: spend-path scripts run as Redis Functions where the server has them (scripts.py)
+    functions: bool = True
 
 
 def _s(v: Any) -> str:
@@ -91,7 +93,7 @@ class Ledger:
         self.clock = clock
         self.keys = keys or Keys()
         self.opt = options or LedgerOptions()
-        self.scripts = Scripts(redis)
+        self.scripts = Scripts(redis, functions=self.opt.functions)
         self._kind = {m: k.value for m, k in catalog.meters.items()}
         self.cluster = isinstance(redis, RedisClusterClient)
         self._emeter = {m: escape(m) for m in catalog.meters}
@@ -106,11 +108,10 @@ class Ledger:
         if self.mux is not None:
             await self.mux.aclose()
 
-    def _script(self, script: Any, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
+    def _spend(self, name: str, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
         """One spend-path script run: pipelined on the mux, else through redis-py."""
-        if self.mux is not None:
-            return self.mux.evalsha(script, keys, args)
-        return script(keys=keys, args=args)  # type: ignore[no-any-return]
+        execute = self.mux.execute if self.mux is not None else self.redis.execute_command
+        return self.scripts.run(execute, name, keys, args)
 
     async def _call(self, aw: Awaitable[T]) -> T:
         try:
@@ -119,6 +120,9 @@ class Ledger:
             raise Unavailable(f"redis unreachable: {e}") from e
         except redis_errors.ClusterDownError as e:
             raise Unavailable(f"redis cluster down: {e}") from e
+        except redis_errors.OutOfMemoryError as e:
+            # Redis at maxmemory refuses a script before it writes anything
+            raise Unavailable(f"redis is out of memory: {e}") from e
 
     # -- runtime operations ------------------------------------------------------------
     def _resolve(self, charges: Iterable[Charge], action: str, field: str,
@@ -193,7 +197,7 @@ class Ledger:
         for c in items:
             keys.append(k.bal(s.org_id, c.meter))
             argv += [self._emeter[c.meter], self._kind[c.meter], c.amount]
-        return await self._call(self._script(self.scripts.reserve, keys=keys, args=argv))
+        return await self._call(self._spend("reserve", keys, argv))
 
     def _hold_key(self, reservation_id: str) -> str:
         if not reservation_id:
@@ -220,7 +224,7 @@ class Ledger:
         items = validate.charges(self.catalog, actual, "actual", allow_zero=True,
                                  required=False)
         lbl = json.dumps(dict(sorted(labels.items())), separators=(",", ":")) if labels else ""
-        reply = await self._call(self._script(self.scripts.commit, keys=[key], args=[
+        reply = await self._call(self._spend("commit", keys=[key], args=[
             self.clock.now_ms(), self.opt.retain_ms, self.opt.ledger_maxlen, lbl,
             *self._amounts(items or None)]))
         _raise_if_error(reply)
@@ -235,7 +239,7 @@ class Ledger:
         items = validate.charges(self.catalog, amount, "amount", required=False)
         if len(reason) > 1024:
             raise InvalidArgument("must be at most 1024 characters", "reason")
-        reply = await self._call(self._script(self.scripts.refund, keys=[key], args=[
+        reply = await self._call(self._spend("refund", keys=[key], args=[
             self.clock.now_ms(), self.opt.retain_ms, self.opt.ledger_maxlen, reason,
             *self._amounts(items or None)]))
         _raise_if_error(reply)
@@ -247,7 +251,7 @@ class Ledger:
         key = self._hold_key(reservation_id)
         items = validate.charges(self.catalog, additional, "additional", required=False)
         ttl = self._ttl_ms(ttl_seconds)
-        reply = await self._call(self._script(self.scripts.extend, keys=[key], args=[
+        reply = await self._call(self._spend("extend", keys=[key], args=[
             self.clock.now_ms(), ttl, self.opt.ledger_maxlen, *self._amounts(items)]))
         _raise_if_error(reply)
         if _s(reply[1]) == "G":
@@ -269,7 +273,7 @@ class Ledger:
         for m in names:
             keys.append(k.bal(subject.org_id, m))
             argv += [self._emeter[m], self._kind[m]]
-        reply = await self._call(self._script(self.scripts.balance, keys=keys, args=argv))
+        reply = await self._call(self._spend("balance", keys, argv))
         _raise_if_error(reply)
         return tuple(_balance(b) for b in reply[1])
 

@@ -42,7 +42,9 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def translated(fn: F) -> F:
-    """Run a unary handler; a QuotagateError becomes its gRPC status (with BadRequest)."""
+    """Run a unary handler; a QuotagateError becomes its gRPC status (with BadRequest).
+    Anything else is a bug: logged with its traceback, answered INTERNAL with a short
+    message (a long one would not fit the status trailer)."""
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -50,5 +52,11 @@ def translated(fn: F) -> F:
             return await fn(self, request, context)
         except errors.QuotagateError as e:
             await context.abort_with_status(to_status(e))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error: {type(e).__name__}: {str(e)[:200]}")
 
     return wrapper  # type: ignore[return-value]
