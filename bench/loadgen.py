@@ -4,7 +4,8 @@ Each process owns one asyncio loop and one gRPC channel and runs one of two mode
 - closed loop (`rate` = 0): `concurrency` callers back to back, for saturation throughput;
 - open loop (`rate` > 0): requests start on a fixed schedule whatever the answers do, so
   latency is measured at a given offered load (no coordinated omission).
-A request that is a Reserve+Commit counts as two RPCs; its latency is the pair's.
+A request that is a Reserve+Commit counts as two RPCs; its latency is the pair's, and
+each RPC's own latency (from its start) is recorded too.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def subject(rng: random.Random, job: Job) -> common_pb2.Subject:
                               seat_id=f"org-{o}-t{t}-s{s}")
 
 
-def make_call(job: Job, channel: grpc.aio.Channel):  # type: ignore[no-untyped-def]
-    """Returns (async fn() -> number of RPCs done)."""
+def make_call(job: Job, channel: grpc.aio.Channel,  # type: ignore[no-untyped-def]
+              rpc_latencies: list[float]):
+    """Returns (async fn() -> number of RPCs done); reserve_commit appends each RPC's
+    latency to `rpc_latencies`."""
     rng = random.Random(job.seed)
     health = health_pb2_grpc.HealthStub(channel)
     quota = quota_pb2_grpc.QuotaServiceStub(channel)
@@ -59,14 +62,18 @@ def make_call(job: Job, channel: grpc.aio.Channel):  # type: ignore[no-untyped-d
 
     async def reserve_commit() -> int:
         estimate = rng.randint(500, 4_000)  # a conversation turn: ~2,000 tokens
+        t0 = time.perf_counter()
         r = await quota.Reserve(quota_pb2.ReserveRequest(
             subject=subject(rng, job), idempotency_key=f"{tag}-{next(counter)}",
             charges=[common_pb2.Charge(meter=M, amount=estimate)]))
+        t1 = time.perf_counter()
+        rpc_latencies.append(t1 - t0)
         if r.reservation_id:
             used = int(estimate * rng.uniform(0.6, 1.1))
             await quota.Commit(quota_pb2.CommitRequest(
                 reservation_id=r.reservation_id,
                 actual=[common_pb2.Charge(meter=M, amount=max(used, 1))]))
+            rpc_latencies.append(time.perf_counter() - t1)
             return 2
         return 1
 
@@ -85,11 +92,13 @@ def make_call(job: Job, channel: grpc.aio.Channel):  # type: ignore[no-untyped-d
 
 async def _run(job: Job) -> dict[str, object]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{job.port}")
-    call = make_call(job, channel)
+    rpc_latencies: list[float] = []
+    call = make_call(job, channel, rpc_latencies)
     latencies: list[float] = []
     rpcs = 0
     errors = 0
     await call()  # connect and warm
+    rpc_latencies.clear()
     start = time.perf_counter()
     stop = start + job.seconds
 
@@ -127,7 +136,7 @@ async def _run(job: Job) -> dict[str, object]:
     elapsed = time.perf_counter() - start
     await channel.close()
     return {"rpcs": rpcs, "requests": len(latencies), "errors": errors, "elapsed": elapsed,
-            "latencies": latencies}
+            "latencies": latencies, "rpc_latencies": rpc_latencies}
 
 
 def run(job: Job) -> dict[str, object]:
