@@ -4,8 +4,12 @@ transport's own ceiling measured in the same run.
 1. Starts a Redis of its own and `quotagate serve` on it (`--workers N` processes).
 2. Seeds orgs (each with teams and seats) straight through the ledger.
 3. For each scenario — ceiling (gRPC health Check), reserve_commit, check, get_balance —
-   measures saturation throughput with closed-loop generator processes, then p50 / p99 /
-   p99.9 latency with open-loop load at 25 %, 50 % and 75 % of that throughput.
+   measures saturation throughput with closed-loop generator processes in 3 rounds, each
+   round the ceiling then the scenario back to back (the median round's ratio is
+   reported: drifts of a shared machine cancel out), then p50 / p99 / p99.9 latency with
+   open-loop load at 25 %, 50 % and 75 % of that throughput.
+   Also: reserve_commit with the pipelined spend path off (before/after), and
+   reserve_commit on a 3-master Redis Cluster.
 4. Floor: redis-benchmark running the reserve script itself (FCALL), no quotagate.
 5. Checks the load generators are not the bottleneck: the ceiling with one more
    generator process must not be meaningfully higher.
@@ -123,12 +127,25 @@ def stop(proc: subprocess.Popen[str] | None) -> None:
         proc.wait(30)
 
 
-def saturate(port: int, name: str, a: argparse.Namespace) -> dict[str, Any]:
-    """Saturation, then latency at 25/50/75 % of it."""
-    sat = drive(port, name, a.seconds, a.generators, a.concurrency, 0, a)
+def saturate(port: int, name: str, a: argparse.Namespace,
+             latency: bool = True) -> dict[str, Any]:
+    """Saturation in `a.rounds` rounds, each the ceiling (health Check on this same server)
+    then the scenario back to back: a round's ratio compares two measurements a few
+    seconds apart, so slow drifts of a shared machine cancel out. The median round is
+    reported. Then latency at 25/50/75 % of the median saturation."""
+    rounds = []
+    for _ in range(a.rounds):
+        ceiling = drive(port, "ceiling", a.seconds, a.generators, a.concurrency, 0, a)
+        sat = ceiling if name == "ceiling" else \
+            drive(port, name, a.seconds, a.generators, a.concurrency, 0, a)
+        rounds.append({"ceiling_rpc_per_s": ceiling["rpc_per_s"], **sat,
+                       "ratio": round(sat["rpc_per_s"] / max(1, ceiling["rpc_per_s"]), 3)})
+    mid = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
     load = {str(f): drive(port, name, a.seconds, a.generators, a.concurrency,
-                          sat["requests_per_s"] * f, a) for f in (0.25, 0.50, 0.75)}
-    return {"saturation": sat, "load": load}
+                          mid["requests_per_s"] * f, a)
+            for f in (0.25, 0.50, 0.75)} if latency else {}
+    return {"saturation": mid, "rounds": rounds, "ratio_to_ceiling": mid["ratio"],
+            "load": load}
 
 
 def floor(port: int, requests: int) -> dict[str, Any]:
@@ -301,7 +318,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--generators", type=int, default=2, help="load generator processes")
     p.add_argument("--concurrency", type=int, default=32, help="callers per generator")
-    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="ceiling/scenario pairs per scenario (the median ratio is reported)")
     p.add_argument("--orgs", type=int, default=10_000)
     p.add_argument("--teams", type=int, default=2)
     p.add_argument("--seats", type=int, default=5)
@@ -351,11 +370,11 @@ def main() -> None:
         if not a.no_compare:
             # Before/after of the pipelined spend path: the same server with it switched off.
             proc, port = start_quotagate(redis_srv.url, a.workers, pipeline=False)
-            sat = drive(port, "reserve_commit", a.seconds, a.generators, a.concurrency, 0, a)
-            report["scenarios"]["reserve_commit_unpipelined"] = {
-                "saturation": sat, "load": {},
-                "note": "QUOTAGATE_REDIS_PIPELINE=false: each script through redis-py's pool"}
-            print(f"  reserve_commit_unpipelined: {sat['rpc_per_s']} RPC/s", flush=True)
+            sc = saturate(port, "reserve_commit", a, latency=False)
+            sc["note"] = "QUOTAGATE_REDIS_PIPELINE=false: each script through redis-py's pool"
+            report["scenarios"]["reserve_commit_unpipelined"] = sc
+            print(f"  reserve_commit_unpipelined: {sc['saturation']['rpc_per_s']} RPC/s",
+                  flush=True)
             stop(proc)
             proc = None
         report["floor"] = floor(redis_srv.port, 50_000)
@@ -370,8 +389,7 @@ def main() -> None:
     print(f"\n{'scenario':<28}{'RPC/s':>9}{'ratio':>7}   p50/p99/p99.9 ms at 25% | 50% | 75%")
     for name, sc in report["scenarios"].items():
         rate = sc["saturation"]["rpc_per_s"]
-        ratio = rate / ceiling if ceiling else float("nan")
-        sc["ratio_to_ceiling"] = round(ratio, 3)
+        ratio = sc["ratio_to_ceiling"]
         lat = " | ".join(f"{v['p50_ms']}/{v['p99_ms']}/{v['p999_ms']}"
                          for v in sc["load"].values()) or sc.get("note", "")
         print(f"{name:<28}{rate:>9}{ratio:>7.2f}   {lat}")

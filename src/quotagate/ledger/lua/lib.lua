@@ -1,5 +1,6 @@
--- lib.lua: helpers shared by every script. scripts.py prepends this file to each
--- script before loading it, so each script stays one EVALSHA (one round trip).
+-- lib.lua: helpers shared by every script. scripts.py prepends this file to each EVAL
+-- script, and puts it once at the head of the spend-path Function library, so each call
+-- stays one command (one round trip).
 --
 -- Wallet layout (see keys.py for the key names): one hash per (org, meter), "bal".
 -- A wallet inside it is a field prefix: "" for the org, "T:<team>:" for a team,
