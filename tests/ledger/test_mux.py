@@ -161,3 +161,17 @@ async def test_password_and_database_of_the_url(clock: ManualClock) -> None:
         await wrong.aclose()
     finally:
         srv.close()
+
+
+async def test_commands_carry_any_bytes(redis_server: Any, redis: Any) -> None:
+    from quotagate.ledger.mux import Mux
+
+    mux = Mux.for_client(redis, 1.0)
+    assert mux is not None
+    values = ["plain", "", "ünïcødé ✓", "a\r\nb", 12345, -7, b"\x00\xff raw"]
+    for i, v in enumerate(values):
+        assert await mux.execute("SET", f"mux:{i}", v) == b"OK"
+    for i, v in enumerate(values):
+        want = v if isinstance(v, bytes) else str(v).encode()
+        assert await redis.get(f"mux:{i}") == want
+    await mux.aclose()

@@ -33,8 +33,7 @@ from redis import exceptions as redis_errors
 from redis._parsers.base import BaseParser
 
 
-def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
-    """RESP array of bulk strings (str, bytes, int)."""
+def _pack_bytes(args: tuple[Any, ...] | list[Any]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for a in args:
         if isinstance(a, str):
@@ -47,6 +46,20 @@ def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
             b = str(a).encode()
         out.append(b"$%d\r\n%b\r\n" % (len(b), b))
     return b"".join(out)
+
+
+def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
+    """RESP array of bulk strings (str, bytes, int). The usual command is all ASCII text
+    (escaped ids, numbers, JSON): it is built as one str and encoded once."""
+    parts = []
+    for a in args:
+        t = type(a)
+        if t is int:
+            a = str(a)
+        elif t is not str or not a.isascii():
+            return _pack_bytes(args)
+        parts.append(f"${len(a)}\r\n{a}\r\n")
+    return (f"*{len(args)}\r\n" + "".join(parts)).encode()
 
 
 class _Conn(asyncio.Protocol):
