@@ -162,9 +162,10 @@ class Mux:
         self._connecting: asyncio.Task[_Conn] | None = None
 
     @classmethod
-    def for_client(cls, client: Any, timeout: float) -> Mux | None:
-        """A Mux to the same server as redis-py client `client`; None where it cannot
-        follow it (TLS, or a connection class it does not know)."""
+    def for_client(cls, client: Any, timeout: float | None = None) -> Mux | None:
+        """A Mux to the same server as redis-py client `client`, with its socket timeout
+        (else `timeout`, else 5 s); None where it cannot follow it (TLS, or a connection
+        class it does not know)."""
         pool = getattr(client, "connection_pool", None)
         if pool is None:
             return None
@@ -175,7 +176,7 @@ class Mux:
         kw = pool.connection_kwargs
         keep = {k: kw[k] for k in ("host", "port", "path", "username", "password", "db")
                 if kw.get(k) not in (None, "")}
-        return cls(keep, timeout)
+        return cls(keep, float(kw.get("socket_timeout") or timeout or 5.0))
 
     async def _open(self) -> _Conn:
         loop = asyncio.get_running_loop()

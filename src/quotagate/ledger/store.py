@@ -99,9 +99,7 @@ class Ledger:
         self._emeter = {m: escape(m) for m in catalog.meters}
         self.mux: Mux | None = None
         if self.opt.pipeline and not self.cluster:
-            timeout = getattr(redis, "connection_pool", None) and \
-                redis.connection_pool.connection_kwargs.get("socket_timeout")
-            self.mux = Mux.for_client(redis, float(timeout or 5.0))
+            self.mux = Mux.for_client(redis)
 
     async def aclose(self) -> None:
         """Close the spend path's own connection (the redis client is the caller's)."""
