@@ -18,7 +18,7 @@ from quotagate.clock import ManualClock
 from quotagate.ledger.model import Charge, HoldState, Subject
 from quotagate.ledger.store import Ledger
 from quotagate.settings import Settings
-from quotagate.sync.restore import merge_balance, merge_union, restore
+from quotagate.sync.restore import WALLET, merge_balance, merge_union, merge_wallet, restore
 from quotagate.sync.sink import Sink, UsageQuery, open_sink
 from quotagate.sync.syncer import GROUP, Syncer, SyncOptions
 from quotagate.v1 import common_pb2, quota_pb2, quota_pb2_grpc
@@ -234,17 +234,26 @@ async def test_flushall_then_restore_gives_every_balance_back(
     assert (await ledger.get_balance(Subject(ORGS[0])))[0].meter == "message_tokens"
 
 
+def _w(**kv: int) -> str:
+    """A packed wallet (lib.lua's WF order) with the given counters, others 0."""
+    return ",".join(str(kv.get(name, 0)) for name in WALLET)
+
+
 async def test_restore_merge_keeps_what_redis_still_knows() -> None:
-    redis_h = {"p": "5", "mu": "50", "tu": "1", "tb": "100", "mh": "3", "d": "9",
-               "S:x:p": "6", "S:x:cu": "1"}
-    sql_h = {"p": "5", "mu": "40", "tu": "7", "tb": "120", "mh": "7", "mg": "10", "d": "2",
-             "S:x:p": "5", "S:x:cu": "99", "T:t:p": "5", "T:t:tb": "4"}
+    redis_h = {"w": _w(p=5, mu=50, tu=1, tb=100, mh=3), "d": "9", "evseq": "4",
+               "S:x:w": _w(p=6, cu=1), "ev": "5||0"}
+    sql_h = {"w": _w(p=5, mu=40, tu=7, tb=120, mh=7, mg=10), "d": "2", "evseq": "7",
+             "S:x:w": _w(p=5, cu=99), "T:t:w": _w(p=5, tb=4), "ev": "5|80|0"}
     assert merge_balance(redis_h, sql_h) == {
-        "tu": "7",            # monotonic: the larger
-        "mh": "7",            # other fields: SQL's
-        "mg": "10",           # missing in Redis: SQL's
-        "T:t:p": "5", "T:t:tb": "4",  # a wallet Redis lost entirely
-    }                         # mu, d: Redis larger; tb: Redis smaller; S:x: newer period
+        # same period: mu, tu, mg the larger; tb the smaller; mh (other) SQL's
+        "w": _w(p=5, mu=50, tu=7, tb=100, mh=7, mg=10),
+        "T:t:w": _w(p=5, tb=4),   # a wallet Redis lost entirely
+        "evseq": "7",             # only grows: the larger
+        "ev": "5|80|0",           # other fields: SQL's
+    }                             # d: Redis larger; S:x: Redis holds a newer period
+    # SQL's newer period wins the whole wallet; an unreadable Redis copy yields to SQL's
+    assert merge_wallet(_w(p=4, mu=99), _w(p=5, mu=1)) == _w(p=5, mu=1)
+    assert merge_wallet("garbage", _w(p=5)) == _w(p=5)
     assert merge_union({"a": "1"}, {"a": "2", "b": "3"}) == {"b": "3"}
 
 

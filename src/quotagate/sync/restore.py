@@ -3,12 +3,13 @@ Redis lost data (a crash beyond its AOF, a failover to an empty replica, FLUSHAL
 
 Every snapshot is merged into what Redis holds now, field by field:
 
-- balances (`bal`): per wallet (the field prefix `''`, `T:<team>:`, `S:<seat>:`):
+- balances (`bal`): per wallet (the packed field `w`, `T:<team>:w`, `S:<seat>:w`):
   when Redis and SQL hold the wallet for different periods (`p`), the newer period wins
   the whole wallet (monthly counters of an older period mean nothing in a newer one);
-  otherwise, where Redis still has a value, the monotonic counters `mu`, `tu`, `cu`, `d`
-  and `mg` keep the larger of the two, `tb` (top-up left) the smaller, and every other
-  field takes SQL's value; fields only Redis has stay;
+  otherwise the monotonic counters `mu`, `tu` and `cu` and the grant `mg` keep the larger
+  of the two, `tb` (top-up left) the smaller, and every other counter takes SQL's value.
+  Of the org's other fields, `d` (debt) and `evseq` keep the larger, the rest take SQL's
+  value; fields only Redis has stay;
 - org configuration (`cfg`), purchases (`pur`), plans (`plan`) and holds (`hold`): the
   union — fields Redis lacks come from SQL, fields Redis has stay (they are newer);
 - a restored hold still `H` (held) is re-added to its shard's expiry set with score `exp`,
@@ -32,7 +33,11 @@ from quotagate.sync.sink import Sink, Snapshot
 
 log = logging.getLogger("quotagate.restore")
 
-MONOTONIC = frozenset({"mu", "tu", "cu", "d", "mg"})
+#: wallet counters (lib.lua's WF order) and how two copies of one period merge
+WALLET = ("p", "mg", "mu", "mh", "tb", "th", "tu", "cu", "ch", "mx", "ou", "oh")
+LARGER = frozenset({"mu", "tu", "cu", "mg"})
+#: plain fields of a balance hash that only grow
+MONOTONIC = frozenset({"d", "evseq"})
 CHUNK = 500
 
 
@@ -43,12 +48,6 @@ class RestoreCounts:
     holds: int = 0    # holds re-armed in an expiry set
 
 
-def _split(field: str) -> tuple[str, str]:
-    """'T:team:mu' -> ('T:team:', 'mu'); 'mu' -> ('', 'mu')."""
-    i = field.rfind(":")
-    return field[: i + 1], field[i + 1:]
-
-
 def _int(v: str | None) -> int:
     try:
         return int(v) if v is not None else 0
@@ -56,24 +55,41 @@ def _int(v: str | None) -> int:
         return 0
 
 
+def _wallet(v: str) -> dict[str, int] | None:
+    parts = v.split(",")
+    if len(parts) != len(WALLET):
+        return None
+    try:
+        return dict(zip(WALLET, map(int, parts), strict=True))
+    except ValueError:
+        return None
+
+
+def merge_wallet(redis_v: str, sql_v: str) -> str:
+    """One packed wallet (see the module doc)."""
+    r, s = _wallet(redis_v), _wallet(sql_v)
+    if r is None:
+        return sql_v
+    if s is None or r["p"] > s["p"]:
+        return redis_v  # Redis holds a newer period of this wallet: keep it whole
+    if s["p"] > r["p"]:
+        return sql_v    # SQL's period is newer: its wallet wins
+    merged = {name: max(r[name], s[name]) if name in LARGER
+              else min(r[name], s[name]) if name == "tb" else s[name] for name in WALLET}
+    return ",".join(str(merged[name]) for name in WALLET)
+
+
 def merge_balance(redis_h: Mapping[str, str], sql_h: Mapping[str, str]) -> dict[str, str]:
     """Fields to write into a balance hash (see the module doc)."""
     out: dict[str, str] = {}
     for f, sv in sql_h.items():
-        pfx, name = _split(f)
-        rp, sp = redis_h.get(pfx + "p"), sql_h.get(pfx + "p")
-        if rp is not None and sp is not None and rp != sp:
-            if _int(rp) > _int(sp):
-                continue  # Redis holds a newer period of this wallet: keep it whole
-            out[f] = sv   # SQL's period is newer: its wallet wins
-            continue
         rv = redis_h.get(f)
         if rv is None:
             out[f] = sv
-        elif name in MONOTONIC:
+        elif f == "w" or f.endswith(":w"):
+            out[f] = merge_wallet(rv, sv)
+        elif f in MONOTONIC:
             out[f] = str(max(_int(rv), _int(sv)))
-        elif name == "tb":
-            out[f] = str(min(_int(rv), _int(sv)))
         else:
             out[f] = sv
     return {f: v for f, v in out.items() if redis_h.get(f) != v}

@@ -3,9 +3,9 @@
 -- stays one command (one round trip).
 --
 -- Wallet layout (see keys.py for the key names): one hash per (org, meter), "bal".
--- A wallet inside it is a field prefix: "" for the org, "T:<team>:" for a team,
--- "S:<seat>:" for a seat (ids escaped by keys.py, so ':' never appears in them).
--- Fields of a wallet (all integers):
+-- A wallet inside it is one field: "w" for the org, "T:<team>:w" for a team,
+-- "S:<seat>:w" for a seat (ids escaped by keys.py, so ':' never appears in them). Its
+-- value packs these integers, comma-separated, in this order (WF below):
 --   p   period id the monthly fields belong to (0 for gauge meters: never reset)
 --   mg  monthly tokens granted this period      mu  monthly tokens used this period
 --   mh  monthly tokens held by open holds       tb  top-up tokens left (never expire)
@@ -13,8 +13,8 @@
 --   cu  seat only: charged this period (cap)    ch  seat only: held this period (cap)
 --   mx  monthly tokens moved out this period by Transfer (negative: moved in)
 --   ou  org only: overage used this period      oh  org only: overage held
--- Org-only fields: d (debt: usage that happened with nothing left to pay it), oub
--- (overage not yet billed, micros), ev (event state), evseq, auto top-up state (at*).
+-- Org-only fields of the hash: d (debt: usage that happened with nothing left to pay
+-- it), oub (overage not yet billed, micros), ev (event state), evseq, atu (auto top-up).
 -- Numbers are Lua doubles; amounts are capped at 2^50 by the caller, so sums stay exact.
 
 local function I(x)
@@ -69,26 +69,42 @@ end
 
 local WF = {'p', 'mg', 'mu', 'mh', 'tb', 'th', 'tu', 'cu', 'ch', 'mx', 'ou', 'oh'}
 local NWF = #WF
+-- A wallet is stored packed, as one field of the balance hash: its prefix, then 'w'
+-- ("w", "T:<team>:w", "S:<seat>:w"), holding the twelve WF integers comma-separated in
+-- WF order. One field per wallet keeps a subject's whole chain (seat, team, org) and the
+-- org's extra fields a single six-field HMGET, and a save one HSET of what changed.
+-- (Written out: a Function library's top level may not call string.rep.)
+local WPAT = '^(%-?%d+),(%-?%d+),(%-?%d+),(%-?%d+),(%-?%d+),(%-?%d+),(%-?%d+),(%-?%d+),'
+  .. '(%-?%d+),(%-?%d+),(%-?%d+),(%-?%d+)$'
+local WFMT = '%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d'
 
--- A wallet from values v[off+1 .. off+NWF] of an HMGET, rolling its monthly fields into
+local function wallet_pack(w)
+  return string.format(WFMT, w.p, w.mg, w.mu, w.mh, w.tb, w.th, w.tu, w.cu, w.ch, w.mx, w.ou,
+    w.oh)
+end
+
+-- A wallet from its packed value `s` (false: none yet), rolling its monthly fields into
 -- period `pid` when they belong to an older one (the lazy reset: unused monthly tokens
 -- do not roll over; top-ups stay). `grant` is the monthly allowance for a new period
--- (org: plan; team/seat: 0). w.o keeps what was read, so a save writes only what changed.
-local function wallet_from(v, off, bal, pfx, pid, grant)
-  local w = {bal = bal, pfx = pfx, dirty = false, rolled = false, extra = {}, o = {}}
-  local o = w.o
-  for i = 1, NWF do
-    local x = v[off + i]
-    o[i] = x
-    w[WF[i]] = N(x)
+-- (org: plan; team/seat: 0). w.o keeps what was read, so a save writes only a change.
+local function wallet_from(s, bal, pfx, pid, grant)
+  local w = {bal = bal, pfx = pfx, dirty = false, rolled = false, extra = {}, o = s}
+  local p, mg, mu, mh, tb, th, tu, cu, ch, mx, ou, oh
+  if s then p, mg, mu, mh, tb, th, tu, cu, ch, mx, ou, oh = string.match(s, WPAT) end
+  if p then
+    w.p, w.mg, w.mu, w.mh = tonumber(p), tonumber(mg), tonumber(mu), tonumber(mh)
+    w.tb, w.th, w.tu, w.cu = tonumber(tb), tonumber(th), tonumber(tu), tonumber(cu)
+    w.ch, w.mx, w.ou, w.oh = tonumber(ch), tonumber(mx), tonumber(ou), tonumber(oh)
+  else
+    w.p, w.mg, w.mu, w.mh, w.tb, w.th, w.tu, w.cu, w.ch, w.mx, w.ou, w.oh =
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
   end
-  local p0 = v[off + 1]
-  if p0 == false or N(p0) ~= pid then
+  if not p or w.p ~= pid then
     w.prev_ou, w.prev_p = w.ou, w.p
     w.p = pid; w.mg = grant; w.mu = 0; w.mh = 0; w.tu = 0; w.cu = 0; w.ch = 0
     w.mx = 0; w.ou = 0; w.oh = 0
     w.dirty = true
-    w.rolled = (p0 ~= false)
+    w.rolled = (p ~= nil)
   end
   return w
 end
@@ -96,36 +112,35 @@ end
 -- Load one wallet. `extra` names more fields of the hash to read in the same HMGET
 -- (w.extra[name]).
 local function wallet_load(bal, pfx, pid, grant, extra)
-  local names = {}
-  for i = 1, NWF do names[i] = pfx .. WF[i] end
+  local names = {pfx .. 'w'}
   if extra then
-    for i = 1, #extra do names[NWF + i] = extra[i] end
+    for i = 1, #extra do names[1 + i] = extra[i] end
   end
   local v = redis.call('HMGET', bal, unpack(names))
-  local w = wallet_from(v, 0, bal, pfx, pid, grant)
+  local w = wallet_from(v[1], bal, pfx, pid, grant)
   if extra then
-    for i = 1, #extra do w.extra[extra[i]] = v[NWF + i] end
+    for i = 1, #extra do w.extra[extra[i]] = v[1 + i] end
   end
   return w
 end
 
--- Write the fields that differ from what was read (all of them for a new wallet).
--- `debt`: the org wallet also writes the org's debt in the same HSET.
+-- Append the wallet's packed value to `f` (field, value, …) when it changed.
+local function wallet_changes(w, f)
+  if not w.dirty then return end
+  w.dirty = false
+  local s = wallet_pack(w)
+  if s == w.o then return end
+  w.o = s
+  f[#f + 1] = w.pfx .. 'w'; f[#f + 1] = s
+end
+
+-- Write the wallet when it changed. `debt`: the org wallet also writes the org's debt in
+-- the same HSET.
 local function wallet_save(w, debt)
-  if not w.dirty and debt == nil then return end
-  local p, o, f = w.pfx, w.o, {}
-  for i = 1, NWF do
-    local val = w[WF[i]]
-    local was = o[i]
-    if was == false or tonumber(was) ~= val then
-      local str = I(val)
-      f[#f + 1] = p .. WF[i]; f[#f + 1] = str
-      o[i] = str
-    end
-  end
+  local f = {}
+  wallet_changes(w, f)
   if debt ~= nil then f[#f + 1] = 'd'; f[#f + 1] = I(debt) end
   if #f > 0 then redis.call('HSET', w.bal, unpack(f)) end
-  w.dirty = false
 end
 
 local function avail_m(w)
@@ -190,17 +205,14 @@ local function chain_load(ctx)
   if te ~= '' then levels[#levels + 1] = {'T', level_pfx('T', te, ctx.se), N(c[6])} end
   levels[#levels + 1] = {'O', '', ctx.plan_grant - ctx.allocated}
   local names = {}
-  for l = 1, #levels do
-    local pfx = levels[l][2]
-    for i = 1, NWF do names[#names + 1] = pfx .. WF[i] end
-  end
+  for l = 1, #levels do names[l] = levels[l][2] .. 'w' end
   local nw = #names
   names[nw + 1] = 'd'; names[nw + 2] = 'ev'; names[nw + 3] = 'atu'
   local v = redis.call('HMGET', ctx.bal, unpack(names))
   local ws = {}
-  for l = 1, #levels do
+  for l = 1, nw do
     local lv = levels[l]
-    local w = wallet_from(v, (l - 1) * NWF, ctx.bal, lv[2], ctx.pid, lv[3])
+    local w = wallet_from(v[l], ctx.bal, lv[2], ctx.pid, lv[3])
     w.level = lv[1]
     ws[l] = w
   end
@@ -232,15 +244,17 @@ local function chain_available(ctx, ws, without_overage)
   return total + avail_o(ctx)
 end
 
+-- Write every changed wallet of the chain, and the org's debt when it moved: one HSET.
 local function chain_save(ctx, ws)
+  local f = {}
   for i = 1, #ws do
     local w = ws[i]
-    if w.level == 'O' then
-      if w.dirty or N(w.extra.d) ~= ctx.d then wallet_save(w, ctx.d); w.extra.d = ctx.d end
-    else
-      wallet_save(w)
+    wallet_changes(w, f)
+    if w.level == 'O' and N(w.extra.d) ~= ctx.d then
+      f[#f + 1] = 'd'; f[#f + 1] = I(ctx.d); w.extra.d = ctx.d
     end
   end
+  if #f > 0 then redis.call('HSET', ws[1].bal, unpack(f)) end
 end
 
 -- Take up to `amount` from the chain in burn order, holding it (mh/th). Returns the list
