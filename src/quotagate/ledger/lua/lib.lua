@@ -55,8 +55,8 @@ end
 
 -- The billing period holding now_ms for an org whose periods start on day `anchor`
 -- (1-28) of each month at 00:00 UTC. Returns id (year*12 + month-1), start ms, end ms.
-local function period_of(now_ms, anchor)
-  local y, m, d = civil_from_days(floor(now_ms / 86400000))
+local function period_compute(day, anchor)
+  local y, m, d = civil_from_days(day)
   if d < anchor then
     m = m - 1
     if m == 0 then m = 12; y = y - 1 end
@@ -65,6 +65,20 @@ local function period_of(now_ms, anchor)
   if nm == 13 then nm = 1; ny = y + 1 end
   return y * 12 + (m - 1), days_from_civil(y, m, anchor) * 86400000,
     days_from_civil(ny, nm, anchor) * 86400000
+end
+
+local PERIOD_DAY, PERIODS = -1, {}
+
+local function period_of(now_ms, anchor)
+  -- The answer only changes with the day: kept for today, per anchor (a Function
+  -- library keeps it between calls; with EVAL it lasts one call).
+  local day = floor(now_ms / 86400000)
+  if day ~= PERIOD_DAY then PERIOD_DAY, PERIODS = day, {} end
+  local hit = PERIODS[anchor]
+  if hit then return hit[1], hit[2], hit[3] end
+  local id, pstart, pend = period_compute(day, anchor)
+  PERIODS[anchor] = {id, pstart, pend}
+  return id, pstart, pend
 end
 
 local WF = {'p', 'mg', 'mu', 'mh', 'tb', 'th', 'tu', 'cu', 'ch', 'mx', 'ou', 'oh'}
@@ -88,16 +102,21 @@ end
 -- do not roll over; top-ups stay). `grant` is the monthly allowance for a new period
 -- (org: plan; team/seat: 0). w.o keeps what was read, so a save writes only a change.
 local function wallet_from(s, bal, pfx, pid, grant)
-  local w = {bal = bal, pfx = pfx, dirty = false, rolled = false, extra = {}, o = s}
   local p, mg, mu, mh, tb, th, tu, cu, ch, mx, ou, oh
   if s then p, mg, mu, mh, tb, th, tu, cu, ch, mx, ou, oh = string.match(s, WPAT) end
+  -- Built in one constructor: the table is sized once, never rehashed while it fills.
+  local w
   if p then
-    w.p, w.mg, w.mu, w.mh = tonumber(p), tonumber(mg), tonumber(mu), tonumber(mh)
-    w.tb, w.th, w.tu, w.cu = tonumber(tb), tonumber(th), tonumber(tu), tonumber(cu)
-    w.ch, w.mx, w.ou, w.oh = tonumber(ch), tonumber(mx), tonumber(ou), tonumber(oh)
+    w = {bal = bal, pfx = pfx, dirty = false, rolled = false, extra = {}, o = s,
+      level = false, prev_ou = false, prev_p = false,
+      p = tonumber(p), mg = tonumber(mg), mu = tonumber(mu), mh = tonumber(mh),
+      tb = tonumber(tb), th = tonumber(th), tu = tonumber(tu), cu = tonumber(cu),
+      ch = tonumber(ch), mx = tonumber(mx), ou = tonumber(ou), oh = tonumber(oh)}
   else
-    w.p, w.mg, w.mu, w.mh, w.tb, w.th, w.tu, w.cu, w.ch, w.mx, w.ou, w.oh =
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+    w = {bal = bal, pfx = pfx, dirty = false, rolled = false, extra = {}, o = s,
+      level = false, prev_ou = false, prev_p = false,
+      p = 0, mg = 0, mu = 0, mh = 0, tb = 0, th = 0, tu = 0, cu = 0, ch = 0, mx = 0, ou = 0,
+      oh = 0}
   end
   if not p or w.p ~= pid then
     w.prev_ou, w.prev_p = w.ou, w.p
@@ -458,8 +477,10 @@ local function chain_view(ctx, ws, meter, room, pstart, pend)
   local remaining = chain_available(ctx, ws)
   if room >= 0 and room < remaining then remaining = room end
   local ou, oh = ctx.org.ou, ctx.org.oh
-  return {meter, I(mu + tu + ou + ctx.d), I(mg + tb + tu), I(remaining), I(mh + th + oh), I(mg),
-    I(mu), I(tb), I(ou), I(ctx.ocap), I(ctx.d), I(pstart), I(pend)}
+  -- Numbers, not strings: Redis answers them as integers (exact below 2^53), and no
+  -- string is formatted for them here.
+  return {meter, mu + tu + ou + ctx.d, mg + tb + tu, remaining, mh + th + oh, mg, mu, tb, ou,
+    ctx.ocap, ctx.d, pstart, pend}
 end
 
 -- Seat cap: limit for the seat and meter, or -1 when unlimited (the default).
@@ -605,7 +626,6 @@ local function wallet_events(ctx, now)
   local ow = ctx.org
   if not ow then return end
   local o = org_of(ctx)
-  local meter = unesc(ctx.meter)
   local total = ow.mg + ow.tb + ow.tu
   local used = ow.mu + ow.tu + ctx.d
   local left = (ow.mg - ow.mu) + ow.tb - ctx.d
@@ -614,7 +634,7 @@ local function wallet_events(ctx, now)
   if epid == nil or tonumber(epid) ~= ctx.pid then
     if epid ~= nil and tonumber(epid) ~= ctx.pid and ctx.kind ~= 'g' then
       emit(ctx.bal, 'period.reset', 'period.reset:' .. o .. ':' .. ctx.meter .. ':' .. I(ctx.pid),
-        o, {meter = meter, period_start = I(ctx.pstart or 0)}, now)
+        o, {meter = unesc(ctx.meter), period_start = I(ctx.pstart or 0)}, now)
       ledger_add(shard_prefix(ctx.bal) .. 'ledger', 1000000, {'type', 'period_reset',
         'org', o, 'meter', ctx.meter, 'amount', I(ow.mg), 'period', I(ctx.pid), 'at', I(now)})
     end
@@ -628,7 +648,7 @@ local function wallet_events(ctx, now)
     if total > 0 and not seen[t] and used * 100 >= tonumber(t) * total then
       seen[t] = true; changed = true
       emit(ctx.bal, 'wallet.low', 'wallet.low:' .. o .. ':' .. ctx.meter .. ':' .. I(ctx.pid)
-        .. ':' .. t, o, {meter = meter, threshold_percent = t, used = I(used),
+        .. ':' .. t, o, {meter = unesc(ctx.meter), threshold_percent = t, used = I(used),
         total = I(total)}, now)
     end
   end
@@ -636,12 +656,12 @@ local function wallet_events(ctx, now)
     x = '1'; changed = true
     ctx.seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
     emit(ctx.bal, 'wallet.exhausted', 'wallet.exhausted:' .. o .. ':' .. ctx.meter .. ':'
-      .. I(ctx.seq), o, {meter = meter, used = I(used), total = I(total)}, now)
+      .. I(ctx.seq), o, {meter = unesc(ctx.meter), used = I(used), total = I(total)}, now)
   elseif left > 0 and x == '1' then
     x = '0'; changed = true
     ctx.seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
     emit(ctx.bal, 'wallet.replenished', 'wallet.replenished:' .. o .. ':' .. ctx.meter .. ':'
-      .. I(ctx.seq), o, {meter = meter, remaining = I(left)}, now)
+      .. I(ctx.seq), o, {meter = unesc(ctx.meter), remaining = I(left)}, now)
   end
   if changed then
     local list = {}
