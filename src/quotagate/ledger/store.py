@@ -152,7 +152,8 @@ class Ledger:
         if allow_partial and len(items) != 1:
             raise InvalidArgument("allow_partial needs exactly one charge", "allow_partial")
         ttl = self._ttl_ms(ttl_seconds)
-        lbl = json.dumps(dict(sorted((labels or {}).items())), separators=(",", ":"))
+        lbl = json.dumps(dict(sorted(labels.items())), separators=(",", ":")) \
+            if labels else "{}"
         if len(lbl) > 4096:
             raise InvalidArgument("labels must be at most 4096 bytes as JSON", "labels")
         fingerprint = hashlib.sha256(json.dumps(

@@ -38,11 +38,17 @@ def amount(value: int, field: str, allow_zero: bool = False) -> int:
     return value
 
 
+_SUBJECT_FIELDS = ("subject.org_id", "subject.team_id", "subject.seat_id",
+                   "subject.assistant_id")
+
+
 def subject(s: Subject, field: str = "subject") -> Subject:
-    ident(s.org_id, f"{field}.org_id")
-    ident(s.team_id, f"{field}.team_id", required=False)
-    ident(s.seat_id, f"{field}.seat_id", required=False)
-    ident(s.assistant_id, f"{field}.assistant_id", required=False)
+    names = _SUBJECT_FIELDS if field == "subject" else \
+        tuple(f"{field}.{n}" for n in ("org_id", "team_id", "seat_id", "assistant_id"))
+    ident(s.org_id, names[0])
+    ident(s.team_id, names[1], required=False)
+    ident(s.seat_id, names[2], required=False)
+    ident(s.assistant_id, names[3], required=False)
     return s
 
 

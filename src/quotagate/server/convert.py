@@ -37,13 +37,18 @@ def charges_pb(items: Iterable[model.Charge]) -> list[common_pb2.Charge]:
     return [common_pb2.Charge(meter=c.meter, amount=c.amount) for c in items]
 
 
+def _ts(ms: int) -> dict[str, int]:
+    """A Timestamp as constructor keywords: cheaper than building one and copying it."""
+    return {"seconds": ms // 1000, "nanos": ms % 1000 * 1_000_000}
+
+
 def balance_pb(b: model.MeterBalance) -> common_pb2.MeterBalance:
     return common_pb2.MeterBalance(
         meter=b.meter, used=b.used, total=b.total, remaining=b.remaining, reserved=b.reserved,
         monthly_granted=b.monthly_granted, monthly_used=b.monthly_used,
         topup_remaining=b.topup_remaining, overage_used=b.overage_used,
-        overage_cap=b.overage_cap, debt=b.debt, period_start=ts(b.period_start_ms),
-        period_end=ts(b.period_end_ms))
+        overage_cap=b.overage_cap, debt=b.debt, period_start=_ts(b.period_start_ms),
+        period_end=_ts(b.period_end_ms))
 
 
 def balances_pb(items: Iterable[model.MeterBalance]) -> list[common_pb2.MeterBalance]:
