@@ -140,10 +140,14 @@ async def _run(job: Job) -> dict[str, object]:
 
 
 def run(job: Job) -> dict[str, object]:
-    """Process entry point (multiprocessing): one event loop per process."""
+    """Process entry point (multiprocessing): one event loop per process. Also reports
+    the CPU seconds this generator spent."""
+    t = time.process_time()
     try:
         import uvloop
 
-        return uvloop.run(_run(job))
+        out: dict[str, object] = uvloop.run(_run(job))
     except ImportError:  # pragma: no cover
-        return asyncio.run(_run(job))
+        out = asyncio.run(_run(job))
+    out["cpu"] = time.process_time() - t
+    return out

@@ -4,7 +4,7 @@ transport's own ceiling measured in the same run.
 1. Starts a Redis of its own and `quotagate serve` on it (`--workers N` processes).
 2. Seeds orgs (each with teams and seats) straight through the ledger.
 3. For each scenario — ceiling (gRPC health Check), reserve_commit, check, get_balance —
-   measures saturation throughput with closed-loop generator processes in 3 rounds, each
+   measures saturation throughput with closed-loop generator processes in 5 rounds, each
    round the ceiling then the scenario back to back (the median round's ratio is
    reported: drifts of a shared machine cancel out), then p50 / p99 / p99.9 latency with
    open-loop load at 25 %, 50 % and 75 % of that throughput.
@@ -50,6 +50,33 @@ from redis_server import RedisServer  # noqa: E402
 
 M = "message_tokens"
 
+#: processes whose CPU time each measurement accounts for (Linux /proc), by role
+WATCH: dict[str, list[int]] = {"quotagate": [], "redis": []}
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of one process (0 when it is gone or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            v = f.read().rsplit(")", 1)[1].split()
+        return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _cpu_now() -> dict[str, float]:
+    if WATCH["quotagate"]:  # the serve process, then its workers as they are now
+        WATCH["quotagate"] = [WATCH["quotagate"][0], *_children(WATCH["quotagate"][0])]
+    return {role: sum(_proc_cpu(p) for p in pids) for role, pids in WATCH.items()}
+
 
 def start_quotagate(redis_url: str, workers: int,
                     pipeline: bool = True) -> tuple[subprocess.Popen[str], int]:
@@ -66,6 +93,7 @@ def start_quotagate(redis_url: str, workers: int,
     for line in proc.stderr:
         m = re.search(r"serving on [\d.]+:(\d+)", line)
         if m:
+            WATCH["quotagate"] = [proc.pid]
             import threading
 
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
@@ -102,8 +130,10 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
     jobs = [loadgen.Job(port=port, scenario=scenario, seconds=seconds, concurrency=concurrency,
                         rate=rate / generators if rate else 0.0, orgs=a.orgs, teams=a.teams,
                         seats=a.seats, seed=i + 1) for i in range(generators)]
+    before = _cpu_now()
     with mp.get_context("spawn").Pool(generators) as pool:
         results = pool.map(loadgen.run, jobs)
+    after = _cpu_now()
     lat = sorted(x for r in results for x in r["latencies"])  # type: ignore[attr-defined]
     rpc = sorted(x for r in results for x in r["rpc_latencies"])  # type: ignore[attr-defined]
     elapsed = max(float(r["elapsed"]) for r in results)  # type: ignore[arg-type]
@@ -115,10 +145,16 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
            "requests_per_s": round(len(lat) / elapsed),
            "errors": sum(int(r["errors"]) for r in results),  # type: ignore[call-overload]
            "p50_ms": pct(lat, 0.50), "p99_ms": pct(lat, 0.99), "p999_ms": pct(lat, 0.999)}
+    rpcs = max(1, sum(int(r["rpcs"]) for r in results))  # type: ignore[call-overload]
+    cpu = {role: after[role] - before[role] for role in WATCH}
+    cpu["generators"] = sum(float(r["cpu"]) for r in results)  # type: ignore[arg-type, misc]
+    per_rpc = {role: round(v / rpcs * 1e6, 1) for role, v in cpu.items()}
+    per_rpc["total"] = round(sum(cpu.values()) / rpcs * 1e6, 1)
+    result: dict[str, Any] = {**out, "cpu_us_per_rpc": per_rpc}
     if rpc:  # reserve_commit: each RPC's own latency as well as the pair's
-        out.update(rpc_p50_ms=pct(rpc, 0.50), rpc_p99_ms=pct(rpc, 0.99),
-                   rpc_p999_ms=pct(rpc, 0.999))
-    return out
+        result.update(rpc_p50_ms=pct(rpc, 0.50), rpc_p99_ms=pct(rpc, 0.99),
+                      rpc_p999_ms=pct(rpc, 0.999))
+    return result
 
 
 def stop(proc: subprocess.Popen[str] | None) -> None:
@@ -139,13 +175,17 @@ def saturate(port: int, name: str, a: argparse.Namespace,
         sat = ceiling if name == "ceiling" else \
             drive(port, name, a.seconds, a.generators, a.concurrency, 0, a)
         rounds.append({"ceiling_rpc_per_s": ceiling["rpc_per_s"], **sat,
-                       "ratio": round(sat["rpc_per_s"] / max(1, ceiling["rpc_per_s"]), 3)})
+                       "ratio": round(sat["rpc_per_s"] / max(1, ceiling["rpc_per_s"]), 3),
+                       "cpu_ratio": round(ceiling["cpu_us_per_rpc"]["total"]
+                                          / max(1.0, sat["cpu_us_per_rpc"]["total"]), 3),
+                       "ceiling_cpu_us_per_rpc": ceiling["cpu_us_per_rpc"]})
     mid = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
     load = {str(f): drive(port, name, a.seconds, a.generators, a.concurrency,
                           mid["requests_per_s"] * f, a)
             for f in (0.25, 0.50, 0.75)} if latency else {}
+    cpu_ratio = sorted(r["cpu_ratio"] for r in rounds)[len(rounds) // 2]
     return {"saturation": mid, "rounds": rounds, "ratio_to_ceiling": mid["ratio"],
-            "load": load}
+            "cpu_ratio_to_ceiling": cpu_ratio, "load": load}
 
 
 def floor(port: int, requests: int) -> dict[str, Any]:
@@ -275,6 +315,7 @@ def cluster_scenario(a: argparse.Namespace) -> dict[str, Any]:
     from cluster_server import RedisCluster
 
     cluster = RedisCluster().start()
+    WATCH["redis"] = [n.proc.pid for n in cluster.nodes if n.proc]
     proc = None
     try:
         url = cluster.url
@@ -319,7 +360,7 @@ def main() -> None:
     p.add_argument("--generators", type=int, default=2, help="load generator processes")
     p.add_argument("--concurrency", type=int, default=32, help="callers per generator")
     p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=5,
                    help="ceiling/scenario pairs per scenario (the median ratio is reported)")
     p.add_argument("--orgs", type=int, default=10_000)
     p.add_argument("--teams", type=int, default=2)
@@ -336,6 +377,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     redis_srv = RedisServer("--appendonly", "yes", "--appendfsync", "everysec").start()
+    WATCH["redis"] = [redis_srv.proc.pid] if redis_srv.proc else []
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
@@ -386,17 +428,26 @@ def main() -> None:
     if not a.no_cluster:
         report["scenarios"]["reserve_commit_cluster"] = cluster_scenario(a)
     ceiling = report["scenarios"].get("ceiling", {}).get("saturation", {}).get("rpc_per_s")
-    print(f"\n{'scenario':<28}{'RPC/s':>9}{'ratio':>7}   p50/p99/p99.9 ms at 25% | 50% | 75%")
+    print(f"\n{'scenario':<28}{'RPC/s':>9}{'ratio':>7}{'CPU us':>8}{'ratio':>7}"
+          "   p50/p99/p99.9 ms at 25% | 50% | 75%")
     for name, sc in report["scenarios"].items():
         rate = sc["saturation"]["rpc_per_s"]
         ratio = sc["ratio_to_ceiling"]
+        cpu = sc["saturation"]["cpu_us_per_rpc"]["total"]
         lat = " | ".join(f"{v['p50_ms']}/{v['p99_ms']}/{v['p999_ms']}"
                          for v in sc["load"].values()) or sc.get("note", "")
-        print(f"{name:<28}{rate:>9}{ratio:>7.2f}   {lat}")
+        print(f"{name:<28}{rate:>9}{ratio:>7.2f}{cpu:>8.0f}{sc['cpu_ratio_to_ceiling']:>7.2f}"
+              f"   {lat}")
         if any("rpc_p50_ms" in v for v in sc["load"].values()):
             per = " | ".join(f"{v['rpc_p50_ms']}/{v['rpc_p99_ms']}/{v['rpc_p999_ms']}"
                              for v in sc["load"].values())
             print(f"{'  (each RPC alone)':<44}   {per}")
+    print("(ratio: RPC/s over the ceiling's, median of the rounds; CPU us: CPU time of "
+          "quotagate, Redis and the generators per RPC at saturation, and the ceiling's CPU "
+          "per RPC over it: the same comparison, less moved by a busy host)")
+    for name, sc in report["scenarios"].items():
+        c = sc["saturation"]["cpu_us_per_rpc"]
+        print(f"  {name}: CPU us per RPC " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
     fl = report["floor"]
     if "rpc_per_s" in fl and ceiling:
         print(f"{'floor (redis)':<28}{fl['rpc_per_s']:>9}{fl['rpc_per_s'] / ceiling:>7.2f}"

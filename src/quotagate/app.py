@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from typing import Any
 
 import grpc
@@ -166,11 +168,13 @@ class App:
 
     async def _sweeper(self) -> None:
         assert self.ledger is not None
-        interval = self.settings.sweep_interval_ms / 1000
+        # One sweep per interval for the whole fleet (Ledger.sweep_due), not one per process.
+        interval_ms = self.settings.sweep_interval_ms
+        owner = f"{socket.gethostname()}:{os.getpid()}"
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval_ms / 1000)
             try:
-                await self.ledger.sweep_all()
+                await self.ledger.sweep_due(interval_ms, owner)
             except QuotagateError as e:
                 log.debug("sweep skipped: %s", e)
 

@@ -104,6 +104,11 @@ class Keys:
         """Set: org ids on a plan, so a changed plan reaches each of its orgs."""
         return f"{self.ns}:planorgs:{escape(name)}"
 
+    def sweeper(self) -> str:
+        """String with a TTL: the sweeper lease. Whichever process of the fleet sets it
+        first sweeps every shard for that interval; the others skip their tick."""
+        return f"{self.ns}:sweeper"
+
     # -- reservation ids -------------------------------------------------------------
     def reservation_id(self, org_id: str, token: str) -> str:
         """``r<shard>.<32 hex>``: routes Commit/Refund/Extend to the shard without a lookup."""

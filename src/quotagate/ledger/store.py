@@ -276,6 +276,18 @@ class Ledger:
         _raise_if_error(reply)
         return tuple(_balance(b) for b in reply[1])
 
+    async def sweep_due(self, interval_ms: int, owner: str) -> int | None:
+        """The background sweeper's tick, shared by a whole fleet: the first process to
+        take the lease (`Keys.sweeper`, held for `interval_ms`) sweeps every shard; every
+        other process skips. None: skipped. Reserve, Commit, Refund and Extend expire the
+        holds they meet themselves, so a skipped or late sweep only delays the release of
+        holds nobody touches. A sweeper that dies loses the lease when it expires."""
+        took = await self._call(self.redis.set(self.keys.sweeper(), owner, nx=True,
+                                               px=interval_ms))
+        if not took:
+            return None
+        return await self.sweep_all()
+
     async def sweep(self, shard: int, limit: int | None = None) -> int:
         """Expire the shard's holds past their TTL; returns how many were looked at."""
         k = self.keys
@@ -284,25 +296,17 @@ class Ledger:
             self.opt.ledger_maxlen, k.prefix(shard)])))
 
     async def sweep_all(self) -> int:
-        """One pass of the sweeper over every shard: pipelined on a single Redis (one round
-        trip); on a cluster, where EVALSHA cannot be pipelined, concurrent calls."""
+        """One pass of the sweeper over every shard: one script run per shard, all sent
+        together (on a single Redis, in one write on the pipelined connection). Returns
+        how many holds were looked at."""
         k, now = self.keys, self.clock.now_ms()
 
-        def args(shard: int) -> list[Any]:
-            return [now, self.opt.sweep_batch, self.opt.retain_ms, self.opt.ledger_maxlen,
-                    k.prefix(shard)]
-
         async def run() -> int:
-            if self.cluster:
-                counts = await asyncio.gather(*(
-                    self.scripts.sweep(keys=[k.expiries(s)], args=args(s))
-                    for s in range(k.shards)))
-                return sum(int(x) for x in counts)
-            pipe = self.redis.pipeline(transaction=False)
-            for shard in range(k.shards):
-                await self.scripts.sweep(keys=[k.expiries(shard)], args=args(shard),
-                                         client=pipe)
-            return sum(int(x) for x in await pipe.execute())
+            counts = await asyncio.gather(*(
+                self._spend("sweep", [k.expiries(s)], [
+                    now, self.opt.sweep_batch, self.opt.retain_ms, self.opt.ledger_maxlen,
+                    k.prefix(s)]) for s in range(k.shards)))
+            return sum(int(x) for x in counts)
         return await self._call(run())
 
     # -- configuration -----------------------------------------------------------------
