@@ -4,9 +4,10 @@ Two ways to run them:
 
 - **Functions** (Redis 7+), for the spend path (reserve, commit, refund, extend,
   balance) and the sweeper's per-shard step: one library holds lib.lua once and
-  registers each script as a function, so a call runs the script body alone. With EVAL, every call first rebuilds lib.lua's ~60
-  helper closures (and later collects them); measured on the benchmark machine a
-  Function costs 13–20 % less Redis time per Reserve/Commit. The library's name carries
+  registers each script as a function, so a call runs the script body alone. With
+  EVAL, every call first rebuilds lib.lua's ~60 helper closures (and later collects
+  them); measured on the benchmark machine a Function costs 13–20 % less Redis time
+  per Reserve/Commit, and a sweeper step 4 µs instead of 14. The library's name carries
   a hash of its source, so sidecars of different versions sharing a Redis never call
   each other's code. Called with FCALL; "Function not found" (a restart without
   persistence, FUNCTION FLUSH, a new cluster primary) loads the library and retries.
