@@ -18,7 +18,14 @@ from quotagate.clock import ManualClock
 from quotagate.ledger.model import Charge, HoldState, Subject
 from quotagate.ledger.store import Ledger
 from quotagate.settings import Settings
-from quotagate.sync.restore import WALLET, merge_balance, merge_union, merge_wallet, restore
+from quotagate.sync.restore import (
+    WALLET,
+    merge_balance,
+    merge_union,
+    merge_wallet,
+    packed,
+    restore,
+)
 from quotagate.sync.sink import Sink, UsageQuery, open_sink
 from quotagate.sync.syncer import GROUP, Syncer, SyncOptions
 from quotagate.v1 import common_pb2, quota_pb2, quota_pb2_grpc
@@ -255,6 +262,16 @@ async def test_restore_merge_keeps_what_redis_still_knows() -> None:
     assert merge_wallet(_w(p=4, mu=99), _w(p=5, mu=1)) == _w(p=5, mu=1)
     assert merge_wallet("garbage", _w(p=5)) == _w(p=5)
     assert merge_union({"a": "1"}, {"a": "2", "b": "3"}) == {"b": "3"}
+
+
+async def test_restore_packs_snapshots_of_the_earlier_layout() -> None:
+    old = {"p": "5", "mg": "10", "mu": "4", "tb": "7", "d": "2", "ev": "5||0",
+           "T:t:p": "5", "T:t:mg": "3", "S:x:p": "5", "S:x:cu": "1", "evseq": "3"}
+    assert packed(old) == {"w": _w(p=5, mg=10, mu=4, tb=7), "T:t:w": _w(p=5, mg=3),
+                           "S:x:w": _w(p=5, cu=1), "d": "2", "ev": "5||0", "evseq": "3"}
+    # into an empty Redis it writes the packed wallets; Redis's newer copy is merged
+    assert merge_balance({}, old)["w"] == _w(p=5, mg=10, mu=4, tb=7)
+    assert merge_balance({"w": _w(p=5, mu=9, tb=5)}, old)["w"] == _w(p=5, mg=10, mu=9, tb=5)
 
 
 async def test_sink_down_at_start_is_not_fatal(

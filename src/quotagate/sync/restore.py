@@ -9,7 +9,8 @@ Every snapshot is merged into what Redis holds now, field by field:
   otherwise the monotonic counters `mu`, `tu` and `cu` and the grant `mg` keep the larger
   of the two, `tb` (top-up left) the smaller, and every other counter takes SQL's value.
   Of the org's other fields, `d` (debt) and `evseq` keep the larger, the rest take SQL's
-  value; fields only Redis has stay;
+  value; fields only Redis has stay. A snapshot taken by an earlier build, which kept one
+  field per counter, is packed first;
 - org configuration (`cfg`), purchases (`pur`), plans (`plan`) and holds (`hold`): the
   union — fields Redis lacks come from SQL, fields Redis has stay (they are newer);
 - a restored hold still `H` (held) is re-added to its shard's expiry set with score `exp`,
@@ -79,10 +80,28 @@ def merge_wallet(redis_v: str, sql_v: str) -> str:
     return ",".join(str(merged[name]) for name in WALLET)
 
 
+def packed(h: Mapping[str, str]) -> dict[str, str]:
+    """A balance hash with any wallet in the earlier layout (one field per counter:
+    `mu`, `T:<team>:mu`, …, as builds before the packed layout wrote them) packed into
+    one `w` field; a wallet already packed wins over loose counters of the same prefix."""
+    loose: dict[str, dict[str, int]] = {}
+    out: dict[str, str] = {}
+    for f, v in h.items():
+        i = f.rfind(":")
+        pfx, name = f[: i + 1], f[i + 1:]
+        if name in WALLET and (pfx == "" or pfx.startswith(("T:", "S:"))):
+            loose.setdefault(pfx, {})[name] = _int(v)
+        else:
+            out[f] = v
+    for pfx, counters in loose.items():
+        out.setdefault(pfx + "w", ",".join(str(counters.get(n, 0)) for n in WALLET))
+    return out
+
+
 def merge_balance(redis_h: Mapping[str, str], sql_h: Mapping[str, str]) -> dict[str, str]:
     """Fields to write into a balance hash (see the module doc)."""
     out: dict[str, str] = {}
-    for f, sv in sql_h.items():
+    for f, sv in packed(sql_h).items():
         rv = redis_h.get(f)
         if rv is None:
             out[f] = sv
