@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_ttl_seconds: int = Field(86400, ge=1, le=86400, description="longest TTL a request may ask for")
     redis_pipeline: bool = Field(True, description="spend-path scripts of concurrent requests share one pipelined connection per worker, written once per loop turn (single Redis; a cluster always uses the pooled client)")
     redis_timeout_ms: int = Field(500, ge=10, le=60000, description="per-command Redis timeout; past it: UNAVAILABLE")
+    ledger_maxlen: int = Field(1_000_000, ge=0, le=1_000_000_000, description="cap (approximate) of each shard's ledger stream of entries SQL has not got yet; past it the oldest are trimmed; 0: never trim")
     sweep_interval_ms: int = Field(1000, ge=10, le=600000, description="how often expired holds are swept")
     grace_seconds: float = Field(5.0, ge=0, le=300, description="drain time on SIGTERM before in-flight RPCs are cut")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
