@@ -117,6 +117,13 @@ class PostgresSink:
                                          "FROM state_snapshots ORDER BY redis_key")
                 return [sk.snapshot_of(r) for r in await cur.fetchall()]
 
+    async def prune(self, before_ms: int) -> int:
+        async with self._locks["w"]:
+            conn = await self._conn("w")
+            async with conn.transaction():
+                cur = await conn.execute(sk.PRUNE_SQL.format(ph="%s"), (before_ms, sk.HELD_PATTERN))
+                return cur.rowcount
+
     async def close(self) -> None:
         for conn in self._conns.values():
             if not conn.closed:

@@ -124,6 +124,12 @@ class Sink(Protocol):
         """Every stored snapshot (for restore)."""
         ...
 
+    async def prune(self, before_ms: int) -> int:
+        """Delete the snapshots of resolved holds last written before `before_ms` (Redis
+        keeps a resolved hold for the retention only); open holds and every other kind
+        stay. Returns how many were deleted."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -157,6 +163,12 @@ def migrations() -> list[tuple[str, list[str]]]:
         out.append((f.name.removesuffix(".sql"), [s.rstrip(";") for s in stmts]))
     return out
 
+
+#: resolved holds last snapshotted before a cut-off (a held hold has `"st": "H"` in the
+#: JSON written by Snapshot.row: sorted keys, default separators)
+PRUNE_SQL = ("DELETE FROM state_snapshots WHERE kind = 'hold' AND updated_at < {ph} "
+             "AND data NOT LIKE {ph}")
+HELD_PATTERN = '%"st": "H"%'
 
 SCHEMA_MIGRATIONS = ("CREATE TABLE IF NOT EXISTS schema_migrations "
                      "(version TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)")

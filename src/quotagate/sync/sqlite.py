@@ -97,6 +97,12 @@ class SqliteSink:
             "ORDER BY redis_key").fetchall())
         return [sk.snapshot_of(r) for r in rows]
 
+    async def prune(self, before_ms: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute(sk.PRUNE_SQL.format(ph="?"), (before_ms, sk.HELD_PATTERN)).rowcount
+
+        return await self._run(run)
+
     async def close(self) -> None:
         def run() -> None:
             with self._lock:

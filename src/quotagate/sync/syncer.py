@@ -50,6 +50,8 @@ class SyncOptions:
     poll_ms: int = 200            # sleep when nothing was read
     claim_idle_ms: int = 30_000   # claim entries pending this long at another consumer
     consumer: str = ""            # empty: <hostname>-<pid>
+    housekeeping_s: float = 3600  # how often housekeeping() runs inside run()
+    retain_ms: int = 86_400_000   # Redis keeps resolved holds this long (LedgerOptions)
 
     @classmethod
     def from_settings(cls, s: Any) -> SyncOptions:
@@ -255,6 +257,7 @@ class Syncer:
         """Loop until cancelled; back off (up to 5 s) while Redis or SQL fail."""
         backoff = 0.0
         last_lag = 0.0
+        last_housekeeping = 0.0
         me = asyncio.current_task()
         while True:
             if me is not None and me.cancelling():  # a library swallowed our cancellation
@@ -274,10 +277,53 @@ class Syncer:
                     await self.refresh_lag()
                 except Exception as e:
                     log.debug("lag not measured: %s", e)
+            if not backoff and time.monotonic() - last_housekeeping >= self.opt.housekeeping_s:
+                last_housekeeping = time.monotonic()
+                try:
+                    await self.housekeeping()
+                except Exception as e:
+                    log.warning("housekeeping failed (next in %.0fs): %s",
+                                self.opt.housekeeping_s, e)
             if backoff:
                 await asyncio.sleep(backoff)
             elif not read:
                 await asyncio.sleep(self.opt.poll_ms / 1000)
+
+    # -- housekeeping -------------------------------------------------------------------
+    async def housekeeping(self, now_ms: int | None = None,
+                           consumer_idle_ms: int | None = None) -> tuple[int, int]:
+        """What would otherwise grow forever: delete the SQL snapshots of holds resolved
+        longer than the retention ago (Redis has dropped them as well), and the group's
+        consumers that hold nothing and have been idle longer than `consumer_idle_ms`
+        (default: the housekeeping interval) — one per restarted syncer process, on
+        every shard. Deleting a consumer with nothing pending loses nothing; a live one
+        is simply recreated by its next read. Returns (snapshots, consumers) deleted."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        snaps = await self.sink.prune(now - self.opt.retain_ms)
+        idle = int(self.opt.housekeeping_s * 1000) if consumer_idle_ms is None \
+            else consumer_idle_ms
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self._streams:
+            pipe.xinfo_consumers(key, GROUP)
+        dead: list[tuple[str, str]] = []
+        for key, consumers in zip(self._streams, await pipe.execute(raise_on_error=False),
+                                  strict=True):
+            if isinstance(consumers, BaseException):
+                continue  # no group yet on this shard
+            for c in consumers:
+                name = _text(c["name"])
+                if name != self.consumer and int(c["pending"]) == 0 \
+                        and int(c["idle"]) > idle:
+                    dead.append((key, name))
+        if dead:
+            pipe = self.redis.pipeline(transaction=False)
+            for key, name in dead:
+                pipe.xgroup_delconsumer(key, GROUP, name)
+            await pipe.execute(raise_on_error=False)
+        if snaps or dead:
+            log.info("housekeeping: pruned %d hold snapshots, deleted %d idle consumers",
+                     snaps, len(dead))
+        return snaps, len(dead)
 
     # -- lag ----------------------------------------------------------------------------
     async def refresh_lag(self) -> dict[int, tuple[int, float]]:
