@@ -111,6 +111,29 @@ async def test_watch_status_all_assistants_of_the_org(server: Grpc, redis: Any) 
     call.cancel()
 
 
+async def test_watch_status_without_ids_starts_with_every_assistants_status(
+        server: Grpc) -> None:
+    """No ids: the current status of each assistant the org has, then its changes —
+    including assistants created after the stream opened."""
+    led = server.app.ledger
+    assert led is not None
+    await led.upsert_org("many", "pro")
+    await led.upsert_assistant("many", "b:bot")          # ids with ':' stay whole
+    await led.upsert_assistant("many", "a bot", enabled=False)
+    await led.upsert_org("other", "pro")
+    await led.upsert_assistant("other", "c-bot")         # another org's: not listed
+    call = server.quota.WatchStatus(quota_pb2.WatchStatusRequest(org_id="many"))
+    first = [await next_msg(call), await next_msg(call)]
+    assert [(m.assistant_id, m.active, m.reason) for m in first] == [
+        ("a bot", False, INACTIVE), ("b:bot", True, common_pb2.DENY_REASON_UNSPECIFIED)]
+    await subscribed(server)
+    await led.upsert_assistant("many", "new-bot")
+    await led.upsert_assistant("many", "new-bot", enabled=False)
+    m = await next_msg(call)
+    assert (m.assistant_id, m.active) == ("new-bot", False)
+    call.cancel()
+
+
 async def test_watch_status_sees_a_real_deactivation(server: Grpc) -> None:
     """End to end with the events the scripts write: spend the wallet dry."""
     led = server.app.ledger

@@ -426,6 +426,12 @@ class Ledger:
         return await self._configure(org_id, "assistant", escape(assistant_id),
                                      escape(team_id), "1" if enabled else "0")
 
+    async def assistants(self, org_id: str) -> list[str]:
+        """Ids of the org's registered assistants (enabled or not), sorted."""
+        validate.ident(org_id, "org_id")
+        fields = await self.redis.hkeys(self.keys.cfg(org_id))
+        return sorted(unescape(f[3:]) for f in map(_s, fields) if f.startswith("as:"))
+
     async def set_feature(self, org_id: str, feature: str, enabled: bool,
                           team_id: str = "") -> bool:
         validate.ident(org_id, "org_id")

@@ -73,8 +73,9 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def WatchStatus(self, request: quota_pb2.WatchStatusRequest,
                           context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[quota_pb2.WatchStatusResponse]:
-        """The current status of each watched assistant, then every change (events
-        assistant.deactivated / assistant.reactivated of the org) until cancelled."""
+        """The current status of each watched assistant (no ids: of every assistant the
+        org has), then every change (events assistant.deactivated /
+        assistant.reactivated of the org) until cancelled."""
         from quotagate.errors import QuotagateError
         from quotagate.events.hub import Overflow, hub_for
         from quotagate.ledger import validate
@@ -88,7 +89,8 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
                 validate.ident(a, f"assistant_ids[{i}]")
             # subscribe first, then read the current status: no change falls in between
             async with hub_for(self.ledger.redis, self.ledger.keys).subscription(org) as sub:
-                for a in wanted:
+                # every assistant registered now, when none were named
+                for a in wanted or await self.ledger.assistants(org):
                     r = await self.ledger.check(Subject(org, assistant_id=a))
                     yield quota_pb2.WatchStatusResponse(
                         assistant_id=a, active=r.active, reason=cv.REASON[r.reason],
