@@ -186,6 +186,10 @@ class App:
             await self.health.drain()
         if self.server:
             await self.server.stop(self.settings.grace_seconds)
+        delivering = [t for t in self._tasks if t.get_name() == "notifier"]
+        if self.notifier is not None and delivering:  # the event in hand, briefly
+            self.notifier.stop()
+            await asyncio.wait(delivering, timeout=2)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

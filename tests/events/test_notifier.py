@@ -29,11 +29,13 @@ def notifier(redis: Any, urls: list[str], retry: RetryPolicy = FAST, **kw: Any) 
                                                  timeout_ms=2000, poll_ms=5, **kw))
 
 
-async def pending(redis: Any) -> int:
+async def pending(redis: Any, groups: list[str] | None = None) -> int:
+    """Entries delivered to a notifier but not acknowledged, over every URL's group."""
     total = 0
-    for s in range(KEYS.shards):
-        info = await redis.xpending(KEYS.events(s), GROUP)
-        total += info["pending"]
+    for g in groups or [GROUP]:
+        for s in range(KEYS.shards):
+            info = await redis.xpending(KEYS.events(s), g)
+            total += info["pending"]
     return total
 
 
@@ -70,7 +72,7 @@ async def test_every_event_type_delivered_signed(redis: Any, receiver: Receiver)
         assert abs(int(h["X-Quotagate-Timestamp"]) - time.time()) < 60
         assert h["X-Quotagate-Signature"].startswith("sha256=")
         assert h["Content-Type"] == "application/json"
-    assert await pending(redis) == 0  # acknowledged after delivery
+    assert await pending(redis, n.groups) == 0  # acknowledged after delivery
     assert await n.run_once() == 0  # nothing is delivered twice by a healthy notifier
     assert receiver.requests == len(EVENT_TYPES)
     assert await redis.xlen("qg:deadletter") == 0
@@ -94,7 +96,7 @@ async def test_failing_receiver_is_retried_then_delivered(redis: Any,
     assert receiver.requests == 4  # three 500s, then 204
     assert (n.delivered, n.dead_lettered) == (1, 0)
     assert await redis.xlen("qg:deadletter") == 0
-    assert await pending(redis) == 0
+    assert await pending(redis, n.groups) == 0
 
 
 async def test_retry_delays_grow_exponentially_and_are_capped() -> None:
@@ -120,7 +122,7 @@ async def test_always_failing_goes_to_dead_letter(redis: Any, receiver: Receiver
         assert f[b"id"].decode() == eid and f[b"type"] == b"wallet.low"
         assert f[b"attempts"] == b"3" and f[b"stream"].decode() == KEYS.events(
             KEYS.shard_of("acme"))
-    assert await pending(redis) == 0  # dead-lettered entries are acknowledged
+    assert await pending(redis, n.groups) == 0  # dead-lettered entries are acknowledged
     assert (n.delivered, n.dead_lettered) == (0, 2)
 
 
@@ -140,14 +142,14 @@ async def test_dead_notifier_entries_are_claimed_by_another(redis: Any,
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await pending(redis) == 3 and receiver.requests == 0
+    assert await pending(redis, first.groups) == 3 and receiver.requests == 0
 
     second = notifier(redis, [receiver.url], consumer="second", claim_idle_ms=50)
     assert await second.run_once(claim=False) == 0  # not new: only claiming finds them
     await asyncio.sleep(0.06)
     assert await second.run_once() == 3
     assert sorted(receiver.ids()) == sorted(ids)
-    assert await pending(redis) == 0
+    assert await pending(redis, second.groups) == 0
 
 
 async def test_listeners_see_every_event(redis: Any, receiver: Receiver) -> None:
@@ -166,7 +168,7 @@ async def test_malformed_entry_is_delivered_not_stuck(redis: Any, receiver: Rece
     assert await n.run_once() == 1
     (got,) = await receiver.wait_for(1)
     assert got["attributes"] == {} and got["id"]  # falls back to the stream position
-    assert await pending(redis) == 0
+    assert await pending(redis, n.groups) == 0
 
 
 async def test_run_loop_delivers_until_cancelled(redis: Any, receiver: Receiver) -> None:
@@ -181,3 +183,44 @@ async def test_run_loop_delivers_until_cancelled(redis: Any, receiver: Receiver)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_receiver_that_is_down_does_not_hold_back_the_others(redis: Any) -> None:
+    """Each URL is its own lane: while one receiver fails and its retries run, the other
+    gets every event at once; the failing one gets them when it is back, in order."""
+    slow = RetryPolicy(base_ms=300, max_ms=300, attempts=20)  # ~3 s of retries per event
+    with Receiver() as up, Receiver() as down:
+        down.always_fail = True
+        n = notifier(redis, [up.url, down.url], retry=slow)
+        assert len(set(n.groups)) == 2
+        task = asyncio.create_task(n.run())
+        try:
+            ids = [await xadd(redis, "wallet.low", "acme", {"meter": "message_tokens",
+                                                            "n": str(i)}) for i in range(3)]
+            await up.wait_for(3)
+            assert up.ids() == ids
+            await asyncio.sleep(0.1)
+            assert down.ids() == [] and down.requests >= 1  # still retrying the first
+            assert await redis.xlen("qg:deadletter") == 0
+            down.always_fail = False  # back: the waiting events arrive, in stream order
+            await down.wait_for(3)
+            assert down.ids() == ids
+            assert await pending(redis, n.groups) == 0
+            assert up.ids() == ids  # nothing twice to the receiver that was up
+        finally:
+            n.stop()  # run() returns: both lanes stop between events
+            await asyncio.wait_for(task, 5)
+
+
+async def test_a_url_added_later_gets_new_events_not_the_history(redis: Any) -> None:
+    with Receiver() as a, Receiver() as b:
+        old = await xadd(redis, "wallet.low", "acme", {"meter": "m"})
+        assert await notifier(redis, [a.url]).run_once() == 1
+        new = await xadd(redis, "wallet.exhausted", "acme", {"meter": "m"})
+        n = notifier(redis, [a.url, b.url])  # b configured on a running deployment
+        await n.ensure_groups()                # b starts from here
+        newer = await xadd(redis, "period.reset", "acme")
+        assert await n.run_once() == 2
+        assert a.ids() == [old, new, newer]
+        assert b.ids() == [newer]
+        assert await pending(redis, n.groups) == 0

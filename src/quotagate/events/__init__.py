@@ -1,8 +1,8 @@
 """Events (DESIGN §5): the scripts append them to each shard's events stream; this package
 delivers them.
 
-- ``notifier.Notifier`` reads every shard's stream with the consumer group
-  ``quotagate-notify`` and POSTs each event, HMAC-signed, to the configured webhooks
+- ``notifier.Notifier`` reads every shard's stream with one consumer group per webhook
+  URL (``quotagate-notify:<hash of the URL>``) and POSTs each event, HMAC-signed, to it
   (retries with backoff, then the dead-letter stream). At least once.
 - ``hub.EventHub`` is the in-process fan-out for the gRPC streams (WatchEvents,
   WatchStatus): plain XREAD from "$", so every server process sees every new event.

@@ -1,21 +1,25 @@
 """The notifier: every shard's events stream -> HMAC-signed webhooks, at least once.
 
-Each shard's stream ``keys.events(shard)`` is read with the consumer group
-``quotagate-notify``: several notifier processes share the work, each entry goes to one of
-them. An entry is acknowledged (XACK) only after it was delivered to every webhook, or
-after its last failed attempt was written to the dead-letter stream ``<ns>:deadletter``.
+Each shard's stream ``keys.events(shard)`` is read, for each webhook URL, with that URL's
+consumer group ``quotagate-notify:<sha256(url)[:12]>``: several notifier processes share
+the work, each entry goes to one of them per URL, and a receiver that is down delays only
+its own deliveries. An entry is acknowledged (XACK) in a URL's group only after it was
+delivered there, or after its last failed attempt was written to the dead-letter stream
+``<ns>:deadletter``.
 A notifier that dies leaves its entries pending; after ``claim_idle_ms`` another one takes
 them over (XAUTOCLAIM) and delivers them. So an event may be delivered twice (receivers
 de-duplicate on its id) but is never dropped.
 
-A new group starts at the beginning of the stream (``start_id`` "0"), so the events
-written before the first notifier ran are delivered too.
+The first URL's group starts at the beginning of the stream (``start_id`` "0"), so the
+events written before the first notifier ran are delivered too; a URL added later starts
+with the events written from then on (no replay of the history to a new receiver).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
@@ -85,9 +89,30 @@ def _entries(reply: Any) -> list[tuple[str, list[Entry]]]:
     return [(_s(stream), [(_s(i), f) for i, f in entries]) for stream, entries in items]
 
 
+def lane_group(url: str) -> str:
+    """The consumer group of one webhook URL: each URL is read at its own pace."""
+    return f"{GROUP}:{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
+@dataclass
+class _Lane:
+    """One delivery target's read position: a webhook URL (or, with none configured,
+    the listeners alone) with its own consumer group on every shard's stream."""
+
+    url: str | None
+    group: str
+    listeners: bool  # the in-process listeners run in this lane
+    ready: set[int] = field(default_factory=set)
+    claim_cursor: dict[int, str] = field(default_factory=dict)
+
+
 class Notifier:
     """Delivers every event of every shard to the webhooks; ``run_once`` for tests,
-    ``run`` as the background loop (in ``serve``, or ``quotagate notify``)."""
+    ``run`` as the background loop (in ``serve``, or ``quotagate notify``).
+
+    Each URL is a lane with its own consumer group (``lane_group``): a receiver that is
+    down holds back only its own deliveries while its retries run, never another URL's.
+    Within a lane a shard's events go out in stream order."""
 
     def __init__(self, redis: Any, keys: Keys, options: NotifierOptions,
                  listeners: Iterable[Listener] = (),
@@ -100,66 +125,104 @@ class Notifier:
             f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.deadletter = f"{keys.ns}:deadletter"
         self.sender = Sender(options.secret, options.retry, options.timeout_ms / 1000, wall)
-        self._ready: set[int] = set()
-        self._claim_cursor: dict[int, str] = {}
-        self._stream_shard = {keys.events(s): s for s in range(keys.shards)}
+        urls = list(dict.fromkeys(options.urls))
+        self.lanes = [_Lane(u, lane_group(u), i == 0) for i, u in enumerate(urls)] or \
+            [_Lane(None, GROUP, True)]
         self.delivered = 0
         self.dead_lettered = 0
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask ``run`` to return once every lane has finished the event in hand (an
+        event is not cut mid-POST, so it is not delivered again after a restart)."""
+        self._stopping.set()
+
+    @property
+    def groups(self) -> list[str]:
+        """The consumer groups this notifier reads (one per webhook URL)."""
+        return [lane.group for lane in self.lanes]
 
     def add_listener(self, fn: Listener) -> None:
-        """In-process fan-out: ``fn`` sees every event this notifier reads."""
+        """In-process fan-out: ``fn`` sees every event this notifier reads (in the first
+        URL's lane)."""
         self.listeners.append(fn)
 
     # -- groups ----------------------------------------------------------------------
     async def ensure_groups(self) -> None:
-        todo = [s for s in range(self.keys.shards) if s not in self._ready]
+        await self._ensure(self.lanes)
+
+    async def _ensure(self, lanes: Sequence[_Lane]) -> None:
+        """Create the lanes' groups where missing. A URL added to a running deployment
+        starts with the events from now on; the webhooks of the first start begin at
+        `start_id` (and so get the events written before any notifier ran)."""
+        todo = sorted({s for lane in lanes for s in range(self.keys.shards)
+                       if s not in lane.ready})
         if not todo:
             return
         pipe = self.redis.pipeline(transaction=False)
         for s in todo:
-            pipe.xgroup_create(self.keys.events(s), GROUP, id=self.opt.start_id, mkstream=True)
+            pipe.xinfo_groups(self.keys.events(s))
+        existing: dict[int, set[str]] = {}
         for s, r in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+            existing[s] = set() if isinstance(r, Exception) else {_s(g["name"]) for g in r}
+        creates: list[tuple[_Lane, int]] = []
+        pipe = self.redis.pipeline(transaction=False)
+        for lane in lanes:
+            for s in todo:
+                if s in lane.ready:
+                    continue
+                if lane.group in existing[s]:
+                    lane.ready.add(s)
+                    continue
+                started = any(g.startswith(GROUP) for g in existing[s])
+                pipe.xgroup_create(self.keys.events(s), lane.group,
+                                   id="$" if started else self.opt.start_id, mkstream=True)
+                creates.append((lane, s))
+        if not creates:
+            return
+        for (lane, s), r in zip(creates, await pipe.execute(raise_on_error=False),
+                                strict=True):
             if isinstance(r, Exception) and "BUSYGROUP" not in str(r):
                 raise r
-            self._ready.add(s)
+            lane.ready.add(s)
 
-    def _lost_group(self, shard: int, err: Exception) -> None:
+    def _lost_group(self, lane: _Lane, shard: int, err: Exception) -> None:
         if "NOGROUP" in str(err):  # the stream was deleted: recreate the group next time
-            self._ready.discard(shard)
+            lane.ready.discard(shard)
         else:
             log.warning("notifier: reading shard %d failed: %s", shard, err)
 
     # -- reading ---------------------------------------------------------------------
-    async def _read_new(self) -> dict[int, list[Entry]]:
-        shards = sorted(self._ready)
+    async def _read_new(self, lane: _Lane) -> dict[int, list[Entry]]:
+        shards = sorted(lane.ready)
         pipe = self.redis.pipeline(transaction=False)
         for s in shards:
-            pipe.xreadgroup(GROUP, self.consumer, {self.keys.events(s): ">"},
+            pipe.xreadgroup(lane.group, self.consumer, {self.keys.events(s): ">"},
                             count=self.opt.batch)
         out: dict[int, list[Entry]] = {}
         for s, r in zip(shards, await pipe.execute(raise_on_error=False), strict=True):
             if isinstance(r, Exception):
-                self._lost_group(s, r)
+                self._lost_group(lane, s, r)
                 continue
             for _, entries in _entries(r):
                 if entries:
                     out.setdefault(s, []).extend(entries)
         return out
 
-    async def _claim(self) -> dict[int, list[Entry]]:
+    async def _claim(self, lane: _Lane) -> dict[int, list[Entry]]:
         """Entries another (dead) consumer left pending longer than ``claim_idle_ms``."""
-        shards = sorted(self._ready)
+        shards = sorted(lane.ready)
         pipe = self.redis.pipeline(transaction=False)
         for s in shards:
-            pipe.xautoclaim(self.keys.events(s), GROUP, self.consumer,
+            pipe.xautoclaim(self.keys.events(s), lane.group, self.consumer,
                             min_idle_time=self.opt.claim_idle_ms,
-                            start_id=self._claim_cursor.get(s, "0-0"), count=self.opt.batch)
+                            start_id=lane.claim_cursor.get(s, "0-0"), count=self.opt.batch)
         out: dict[int, list[Entry]] = {}
         for s, r in zip(shards, await pipe.execute(raise_on_error=False), strict=True):
             if isinstance(r, Exception):
-                self._lost_group(s, r)
+                self._lost_group(lane, s, r)
                 continue
-            self._claim_cursor[s] = _s(r[0])
+            lane.claim_cursor[s] = _s(r[0])
             entries: list[Entry] = [(_s(i), f) for i, f in r[1]]
             entries += [(_s(i), None) for i in (r[2] if len(r) > 2 else [])]  # trimmed away
             if entries:
@@ -168,57 +231,74 @@ class Notifier:
 
     # -- delivery --------------------------------------------------------------------
     async def run_once(self, claim: bool = True) -> int:
-        """Claim abandoned entries (if ``claim``), read new ones, deliver them all.
-        Returns how many entries were settled (delivered or dead-lettered)."""
+        """Every lane: claim abandoned entries (if ``claim``), read new ones, deliver
+        them all. Returns how many distinct entries were settled (delivered or
+        dead-lettered) in at least one lane."""
         await self.ensure_groups()
-        work: dict[int, list[Entry]] = await self._claim() if claim else {}
-        for s, entries in (await self._read_new()).items():
-            work.setdefault(s, []).extend(entries)
-        counts = await asyncio.gather(*(self._shard(s, e) for s, e in work.items()))
-        return sum(counts)
+        done = await asyncio.gather(*(self._lane_once(lane, claim) for lane in self.lanes))
+        return len(set().union(*done))
 
-    async def _shard(self, shard: int, entries: Sequence[Entry]) -> int:
+    async def _lane_once(self, lane: _Lane, claim: bool) -> set[tuple[int, str]]:
+        await self._ensure([lane])  # again after a NOGROUP (the stream was deleted)
+        work: dict[int, list[Entry]] = await self._claim(lane) if claim else {}
+        for s, entries in (await self._read_new(lane)).items():
+            work.setdefault(s, []).extend(entries)
+        done = await asyncio.gather(*(self._shard(lane, s, e) for s, e in work.items()))
+        return {(s, i) for s, ids in zip(work, done, strict=True) for i in ids}
+
+    async def _shard(self, lane: _Lane, shard: int, entries: Sequence[Entry]) -> list[str]:
         """One shard's entries in stream order (per-org order is kept for receivers)."""
         stream = self.keys.events(shard)
-        done = 0
+        done = []
         for entry_id, fields in entries:
             if fields is not None:
-                await self.handle(Event.from_fields(fields, stream, entry_id), fields)
-            await self.redis.xack(stream, GROUP, entry_id)
-            done += 1
+                await self.handle(lane, Event.from_fields(fields, stream, entry_id), fields)
+            await self.redis.xack(stream, lane.group, entry_id)
+            done.append(entry_id)
         return done
 
-    async def handle(self, ev: Event, fields: dict[Any, Any]) -> None:
-        for fn in self.listeners:
-            try:
-                r = fn(ev)
-                if inspect.isawaitable(r):
-                    await r
-            except Exception:  # a broken listener must not stop webhook delivery
-                log.exception("notifier: listener failed on event %s", ev.id)
-        if not self.opt.urls:
+    async def handle(self, lane: _Lane, ev: Event, fields: dict[Any, Any]) -> None:
+        if lane.listeners:
+            for fn in self.listeners:
+                try:
+                    r = fn(ev)
+                    if inspect.isawaitable(r):
+                        await r
+                except Exception:  # a broken listener must not stop webhook delivery
+                    log.exception("notifier: listener failed on event %s", ev.id)
+        if lane.url is None:
             return
-        body = ev.body()
-        errors = await asyncio.gather(*(self.sender.send(u, body, ev.id, ev.type)
-                                        for u in self.opt.urls))
-        failed = [(u, e) for u, e in zip(self.opt.urls, errors, strict=True) if e]
-        for url, err in failed:
-            log.warning("notifier: event %s to %s failed %d times (%s): dead-lettered",
-                        ev.id, url, self.opt.retry.attempts, err)
-            dl = {_s(k): _s(v) for k, v in fields.items()}
-            dl.update(stream=ev.stream, entry_id=ev.entry_id, url=url, error=err,
-                      attempts=str(self.opt.retry.attempts),
-                      failed_at=str(int(time.time() * 1000)))
-            await self.redis.xadd(self.deadletter, dl, maxlen=DEADLETTER_MAXLEN,
-                                  approximate=True)
-        self.dead_lettered += len(failed)
-        self.delivered += len(self.opt.urls) - len(failed)
+        err = await self.sender.send(lane.url, ev.body(), ev.id, ev.type)
+        if not err:
+            self.delivered += 1
+            return
+        log.warning("notifier: event %s to %s failed %d times (%s): dead-lettered",
+                    ev.id, lane.url, self.opt.retry.attempts, err)
+        dl = {_s(k): _s(v) for k, v in fields.items()}
+        dl.update(stream=ev.stream, entry_id=ev.entry_id, url=lane.url, error=err,
+                  attempts=str(self.opt.retry.attempts),
+                  failed_at=str(int(time.time() * 1000)))
+        await self.redis.xadd(self.deadletter, dl, maxlen=DEADLETTER_MAXLEN,
+                              approximate=True)
+        self.dead_lettered += 1
 
     async def run(self) -> None:
-        """Deliver until cancelled; Redis trouble is logged and retried."""
+        """Deliver until ``stop()`` (or cancelled), each lane in its own loop; Redis
+        trouble is logged and retried."""
+        while not self._stopping.is_set():
+            try:
+                await self.ensure_groups()
+                break
+            except Exception as e:  # Redis not there yet: the lanes would fail alike
+                log.warning("notifier: creating the consumer groups failed: %s", e)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 1.0)
+        await asyncio.gather(*(self._lane_loop(lane) for lane in self.lanes))
+
+    async def _lane_loop(self, lane: _Lane) -> None:
         next_claim = 0.0
         me = asyncio.current_task()
-        while True:
+        while not self._stopping.is_set():
             if me is not None and me.cancelling():  # a library swallowed our cancellation
                 raise asyncio.CancelledError
             try:
@@ -226,7 +306,7 @@ class Notifier:
                 claim = now >= next_claim
                 if claim:
                     next_claim = now + self.opt.claim_every_ms / 1000
-                n = await self.run_once(claim=claim)
+                n = len(await self._lane_once(lane, claim))
             except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
                 log.warning("notifier: redis unavailable: %s", e)
                 n = 0
@@ -237,7 +317,8 @@ class Notifier:
                 log.exception("notifier: delivery pass failed")
                 n = 0
             if not n:
-                await asyncio.sleep(self.opt.poll_ms / 1000)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.opt.poll_ms / 1000)
 
 
 async def main(settings: Any, once: bool = False) -> int:
@@ -270,6 +351,8 @@ async def main(settings: Any, once: bool = False) -> int:
         log.info("notifier %s delivering to %d webhook(s)", notifier.consumer,
                  len(options.urls))
         await stop.wait()
+        notifier.stop()
+        await asyncio.wait([task], timeout=5)  # the event in hand, then cut
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
