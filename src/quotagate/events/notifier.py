@@ -352,7 +352,7 @@ async def main(settings: Any, once: bool = False) -> int:
                  len(options.urls))
         await stop.wait()
         notifier.stop()
-        await asyncio.wait([task], timeout=5)  # the event in hand, then cut
+        await asyncio.wait([task], timeout=2)  # the event in hand, then cut
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
