@@ -336,13 +336,9 @@ class Ledger:
         created = not before
         orgs = await self._call(self.redis.smembers(self.keys.plan_orgs(name)))
         for org in orgs:
-            org_id = _s(org)
-            cfg = await self._call(self.redis.hmget(self.keys.cfg(org_id),
-                                                    "plan", "seats", "anchor", "ai"))
-            if cfg[0] is None or _s(cfg[0]) != name:
-                continue
-            await self._configure_org(org_id, name, _i(cfg[1]), _i(cfg[2]), _s(cfg[3]) == "1",
-                                      items)
+            # seats, anchor and ai are read inside the script: a concurrent UpsertOrg
+            # is never overwritten with what they were a moment before
+            await self._configure_org(_s(org), name, None, 0, False, items)
         return created
 
     async def plan(self, name: str) -> tuple[Allowance, ...] | None:
@@ -374,13 +370,16 @@ class Ledger:
         await self._call(self.redis.sadd(self.keys.plan_orgs(plan), org_id))
         return created
 
-    async def _configure_org(self, org_id: str, plan: str, seats: int, anchor: int, ai: bool,
-                             allowances: Sequence[Allowance]) -> bool:
+    async def _configure_org(self, org_id: str, plan: str, seats: int | None, anchor: int,
+                             ai: bool, allowances: Sequence[Allowance]) -> bool:
+        """`seats` None: re-apply `plan` keeping the org's current seats, anchor and ai,
+        only if it is still on that plan (decided inside the script)."""
         by_meter = {a.meter: a for a in allowances}
         k = self.keys
         keys = [k.cfg(org_id), k.ledger(k.shard_of(org_id))]
         argv: list[Any] = ["org", self.clock.now_ms(), self.opt.ledger_maxlen, escape(org_id),
-                           escape(plan), seats, anchor, "1" if ai else "0",
+                           escape(plan), "keep" if seats is None else seats, anchor,
+                           "1" if ai else "0",
                            len(self.catalog.meters)]
         for m in self.catalog.meters:
             a = by_meter.get(m, Allowance(m))

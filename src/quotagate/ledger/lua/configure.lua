@@ -5,6 +5,8 @@
 -- ARGV[1]  op: org | team | seat | assistant | feature
 -- ARGV[2]  now (ms)   ARGV[3] ledger MAXLEN   ARGV[4] org (escaped)
 -- op org:       ARGV[5] plan  ARGV[6] seats  ARGV[7] anchor day  ARGV[8] ai ('1'|'0')
+--               (ARGV[6] 'keep': re-apply the plan with the org's current seats, anchor
+--               and ai, only if it is still on ARGV[5]; a no-op otherwise)
 --               ARGV[9] n allowances, then meter, kind, monthly, per_seat, one_time for each (the
 --               plan's allowances, denormalised here so the spend path reads one hash),
 --               then the wallet.low thresholds (% used, comma separated, e.g. '80,95')
@@ -126,6 +128,13 @@ end
 
 if op == 'org' then
   local plan, seats, anchor, ai = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+  if seats == 'keep' then
+    -- UpsertPlan re-applying a plan: the org's own settings as they are at this moment,
+    -- and only while it is still on the plan (an UpsertOrg in between is never undone).
+    local c = redis.call('HMGET', cfg, 'plan', 'seats', 'anchor', 'ai')
+    if c[1] ~= plan then return {'OK', 0} end
+    seats, anchor, ai = c[2], tonumber(c[3]), c[4]
+  end
   local old_anchor = redis.call('HGET', cfg, 'anchor')
   redis.call('HSET', cfg, 'plan', plan, 'seats', seats, 'anchor', I(anchor), 'ai', ai,
     'lowpct', ARGV[10 + 5 * tonumber(ARGV[9])] or '80')

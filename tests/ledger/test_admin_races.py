@@ -1,0 +1,57 @@
+"""Admin calls racing each other: an UpsertPlan re-applying a plan to its orgs never
+undoes an UpsertOrg that landed meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from quotagate.ledger.model import Allowance, Subject
+from quotagate.ledger.store import Ledger
+
+M = "message_tokens"
+
+
+async def test_upsert_plan_never_undoes_a_concurrent_upsert_org(
+        redis: Any, ledger: Ledger) -> None:
+    await ledger.upsert_plan("seatly", [Allowance(M, 1000, per_seat=100)])
+    for o in range(20):  # the plan has other orgs: its re-apply takes a while
+        await ledger.upsert_org(f"other-{o}", "seatly", seats=1)
+    await ledger.upsert_org("o", "seatly", seats=0)
+    cfg = ledger.keys.cfg("o")
+    stale: list[tuple[int, int]] = []
+    done = asyncio.Event()
+
+    async def admin_sets_seats() -> None:
+        for n in range(1, 151):
+            await ledger.upsert_org("o", "seatly", seats=n)
+            seen = int(await redis.hget(cfg, "seats"))
+            if seen != n:
+                stale.append((n, seen))
+            await asyncio.sleep(0)
+        done.set()
+
+    async def plan_edits() -> None:
+        monthly = 1000
+        while not done.is_set():
+            monthly += 1
+            await ledger.upsert_plan("seatly", [Allowance(M, monthly, per_seat=100)])
+
+    await asyncio.gather(admin_sets_seats(), plan_edits())
+    assert stale == []
+    assert int(await redis.hget(cfg, "seats")) == 150
+    # the wallet follows: the last plan edit's monthly grant plus 150 seats
+    (b,) = await ledger.get_balance(Subject("o"), [M])
+    plan = await ledger.plan("seatly")
+    assert plan is not None
+    assert b.monthly_granted == plan[0].monthly + 150 * 100
+
+
+async def test_upsert_plan_skips_an_org_that_moved_to_another_plan(ledger: Ledger) -> None:
+    await ledger.upsert_plan("a", [Allowance(M, 1000)])
+    await ledger.upsert_plan("b", [Allowance(M, 50)])
+    await ledger.upsert_org("o", "a")
+    await ledger.upsert_org("o", "b")   # still listed under "a" until a's next re-apply
+    await ledger.upsert_plan("a", [Allowance(M, 9999)])
+    (b,) = await ledger.get_balance(Subject("o"), [M])
+    assert b.monthly_granted == 50
