@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     notify.add_argument("--redis-url", help="QUOTAGATE_REDIS_URL")
     notify.add_argument("--log-level", help="QUOTAGATE_LOG_LEVEL")
     notify.add_argument("--once", action="store_true", help="one pass over the streams, then exit")
+    notify.add_argument("--replay-deadletter", action="store_true",
+                        help="send the dead-lettered events again to their URLs, then exit")
     for name, text in (("migrate", "apply the SQL migrations (QUOTAGATE_DATABASE_URL)"),
                        ("sync", "copy the ledger streams to SQL (the syncer on its own)"),
                        ("restore", "write the SQL snapshots back into Redis after a loss")):
@@ -86,7 +88,8 @@ def _notify(args: argparse.Namespace) -> int:
         settings = load_settings(redis_url=args.redis_url, log_level=args.log_level)
         logging.basicConfig(level=settings.log_level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return asyncio.run(notifier.main(settings, once=args.once))
+        return asyncio.run(notifier.main(settings, once=args.once,
+                                         replay=args.replay_deadletter))
     except ConfigError as e:
         print(f"quotagate: configuration error: {e}", file=sys.stderr)
         return 2

@@ -224,3 +224,27 @@ async def test_a_url_added_later_gets_new_events_not_the_history(redis: Any) -> 
         assert a.ids() == [old, new, newer]
         assert b.ids() == [newer]
         assert await pending(redis, n.groups) == 0
+
+
+async def test_dead_letters_replayed_once_the_receiver_is_back(redis: Any) -> None:
+    with Receiver() as ok, Receiver() as gone:
+        ok.always_fail = True
+        ids = [await xadd(redis, "wallet.low", "acme", {"meter": "m", "n": str(i)})
+               for i in range(3)]
+        n = notifier(redis, [ok.url], retry=RetryPolicy(1, 2, 2))
+        assert await n.run_once() == 3
+        # a letter for a URL that is no longer configured
+        await redis.xadd("qg:deadletter", {"id": "x", "type": "period.reset", "org": "acme",
+                                           "url": gone.url, "error": "HTTP 500"})
+        assert await redis.xlen("qg:deadletter") == 4
+
+        # still failing: each letter is tried once (with retries) and kept, with no loop
+        assert await n.replay_deadletter() == {"delivered": 0, "failed": 3, "skipped": 1}
+        assert await redis.xlen("qg:deadletter") == 4
+
+        ok.always_fail = False
+        assert await n.replay_deadletter() == {"delivered": 3, "failed": 0, "skipped": 1}
+        assert ok.ids() == ids  # the same event ids, oldest first
+        assert ok.bad_signatures == 0
+        (left,) = await redis.xrange("qg:deadletter")
+        assert left[1][b"url"].decode() == gone.url and gone.requests == 0

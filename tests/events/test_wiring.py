@@ -83,6 +83,24 @@ async def test_cli_notify_once(redis_server: RedisServer, redis: Any, receiver: 
     assert receiver.ids() == [eid]
 
 
+async def test_cli_notify_replays_the_dead_letters(
+        redis_server: RedisServer, redis: Any, receiver: Receiver,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await redis.xadd("qg:deadletter", {"id": "ev-1", "type": "wallet.low", "org": "acme",
+                                       "attrs": '{"meter": "m"}', "at": "1762732800000",
+                                       "url": receiver.url, "error": "HTTP 503"})
+    monkeypatch.setenv("QUOTAGATE_WEBHOOK_URLS", receiver.url)
+    monkeypatch.setenv("QUOTAGATE_WEBHOOK_SECRET", SECRET)
+    import asyncio
+
+    rc = await asyncio.to_thread(cli.main, ["notify", "--replay-deadletter", "--redis-url",
+                                            redis_server.url, "--log-level", "WARNING"])
+    assert rc == 0
+    (got,) = await receiver.wait_for(1)
+    assert (got["id"], got["type"], got["attributes"]) == ("ev-1", "wallet.low", {"meter": "m"})
+    assert await redis.xlen("qg:deadletter") == 0
+
+
 def test_cli_notify_needs_webhooks(monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("QUOTAGATE_WEBHOOK_URLS", raising=False)

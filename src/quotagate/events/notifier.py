@@ -282,6 +282,42 @@ class Notifier:
                               approximate=True)
         self.dead_lettered += 1
 
+    async def replay_deadletter(self, batch: int = 100) -> dict[str, int]:
+        """Send each dead-lettered event again to the URL it failed at (with the usual
+        retries), oldest first; a letter is deleted once delivered. Letters for a URL
+        that is not configured any more are left alone. Returns counts: delivered,
+        failed (left, with the new error), skipped."""
+        counts = {"delivered": 0, "failed": 0, "skipped": 0}
+        configured = set(self.opt.urls)
+        last = await self.redis.xrevrange(self.deadletter, count=1)
+        if not last:
+            return counts
+        end = _s(last[0][0])  # letters failing again are re-added after it: one pass
+        start = "-"
+        while True:
+            letters = await self.redis.xrange(self.deadletter, min=start, max=end,
+                                              count=batch)
+            if not letters:
+                return counts
+            for lid, raw in letters:
+                start = "(" + _s(lid)
+                f = {_s(k): _s(v) for k, v in raw.items()}
+                url = f.get("url", "")
+                if url not in configured:
+                    counts["skipped"] += 1
+                    continue
+                ev = Event.from_fields(f, f.get("stream", ""), f.get("entry_id", ""))
+                err = await self.sender.send(url, ev.body(), ev.id, ev.type)
+                if err:
+                    counts["failed"] += 1
+                    await self.redis.xadd(self.deadletter, {
+                        **f, "error": err, "failed_at": str(int(time.time() * 1000))},
+                        maxlen=DEADLETTER_MAXLEN, approximate=True)
+                else:
+                    counts["delivered"] += 1
+                    self.delivered += 1
+                await self.redis.xdel(self.deadletter, lid)
+
     async def run(self) -> None:
         """Deliver until ``stop()`` (or cancelled), each lane in its own loop; Redis
         trouble is logged and retried."""
@@ -321,7 +357,7 @@ class Notifier:
                     await asyncio.wait_for(self._stopping.wait(), self.opt.poll_ms / 1000)
 
 
-async def main(settings: Any, once: bool = False) -> int:
+async def main(settings: Any, once: bool = False, replay: bool = False) -> int:
     """``quotagate notify``: the notifier as its own process (run it when
     QUOTAGATE_NOTIFY_IN_PROCESS=false, or next to several `serve` processes; any number
     of notifiers may run, the consumer group shares the work). Stops on SIGTERM/SIGINT."""
@@ -339,6 +375,11 @@ async def main(settings: Any, once: bool = False) -> int:
     redis = App(settings).redis_client(settings.redis_url)  # single server or cluster
     notifier = Notifier(redis, Keys(settings.shards), options)
     try:
+        if replay:
+            c = await notifier.replay_deadletter()
+            log.info("dead letters: %(delivered)d delivered, %(failed)d failed again, "
+                     "%(skipped)d for URLs not configured (left)", c)
+            return 0 if not c["failed"] else 1
         if once:
             n = await notifier.run_once()
             log.info("notifier: %d event(s) settled", n)
