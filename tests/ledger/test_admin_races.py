@@ -55,3 +55,9 @@ async def test_upsert_plan_skips_an_org_that_moved_to_another_plan(ledger: Ledge
     await ledger.upsert_plan("a", [Allowance(M, 9999)])
     (b,) = await ledger.get_balance(Subject("o"), [M])
     assert b.monthly_granted == 50
+
+
+async def test_upsert_plan_replaces_the_plan_whole(ledger: Ledger) -> None:
+    assert await ledger.upsert_plan("p", [Allowance(M, 10), Allowance("call_seconds", 5)])
+    assert not await ledger.upsert_plan("p", [Allowance(M, 20, per_seat=3)])
+    assert await ledger.plan("p") == (Allowance(M, 20, per_seat=3),)

@@ -29,7 +29,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 NAMES = ("reserve", "commit", "refund", "extend", "sweep", "topup", "balance", "configure",
-         "transfer")
+         "transfer", "plan")
 #: run as Redis Functions where the server has them (the spend path, and the sweeper's
 #: step, which runs once per shard)
 SPEND = ("reserve", "commit", "refund", "extend", "balance", "sweep")
@@ -77,6 +77,7 @@ class Scripts:
         self.balance = self._by_name["balance"]
         self.configure = self._by_name["configure"]
         self.transfer = self._by_name["transfer"]
+        self.plan = self._by_name["plan"]
         self.tag, self.library = library()
         self.function = {name: f"qg_{self.tag}_{name}" for name in SPEND}
         #: None: not known yet; False: this Redis has no Functions (or they are off)

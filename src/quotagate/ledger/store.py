@@ -325,15 +325,11 @@ class Ledger:
                 raise InvalidArgument(f"meter {a.meter!r} appears twice",
                                       f"allowances[{i}].meter")
             seen.add(a.meter)
-        key = self.keys.plan(name)
-        before = await self._call(self.redis.hgetall(key))
-        fields = {"_": "1", **{a.meter: f"{a.monthly}:{a.per_seat}:{a.one_time}"
-                               for a in items}}
-        await self._call(self.redis.hset(key, mapping=fields))
-        stale = [f for f in before if _s(f) not in fields]
-        if stale:
-            await self._call(self.redis.hdel(key, *stale))
-        created = not before
+        fields = ["_", "1"]
+        for a in items:
+            fields += [a.meter, f"{a.monthly}:{a.per_seat}:{a.one_time}"]
+        created = bool(await self._call(self.scripts.plan(keys=[self.keys.plan(name)],
+                                                          args=fields)))
         orgs = await self._call(self.redis.smembers(self.keys.plan_orgs(name)))
         for org in orgs:
             # seats, anchor and ai are read inside the script: a concurrent UpsertOrg
