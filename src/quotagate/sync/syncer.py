@@ -36,6 +36,7 @@ from redis import exceptions as redis_errors
 
 from quotagate.ledger.keys import Keys, unescape
 from quotagate.ledger.model import Catalog
+from quotagate.ledger.store import LedgerOptions
 from quotagate.sync.sink import Entry, Sink, Snapshot, entry_of
 
 log = logging.getLogger("quotagate.sync")
@@ -51,7 +52,7 @@ class SyncOptions:
     claim_idle_ms: int = 30_000   # claim entries pending this long at another consumer
     consumer: str = ""            # empty: <hostname>-<pid>
     housekeeping_s: float = 3600  # how often housekeeping() runs inside run()
-    retain_ms: int = 86_400_000   # Redis keeps resolved holds this long (LedgerOptions)
+    retain_ms: int = LedgerOptions.retain_ms  # Redis keeps resolved holds this long
 
     @classmethod
     def from_settings(cls, s: Any) -> SyncOptions:
