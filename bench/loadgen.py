@@ -35,6 +35,7 @@ class Job:
     teams: int = 2
     seats: int = 5
     seed: int = 0
+    channels: int = 8  # connections from this process (callers spread over them)
 
 
 def subject(rng: random.Random, job: Job) -> common_pb2.Subject:
@@ -46,15 +47,15 @@ def subject(rng: random.Random, job: Job) -> common_pb2.Subject:
 
 
 def make_call(job: Job, channel: grpc.aio.Channel,  # type: ignore[no-untyped-def]
-              rpc_latencies: list[float]):
+              rpc_latencies: list[float], index: int = 0):
     """Returns (async fn() -> number of RPCs done); reserve_commit appends each RPC's
     latency to `rpc_latencies`."""
-    rng = random.Random(job.seed)
+    rng = random.Random(job.seed * 1000 + index)
     health = health_pb2_grpc.HealthStub(channel)
     quota = quota_pb2_grpc.QuotaServiceStub(channel)
     hreq = health_pb2.HealthCheckRequest()
     counter = iter(range(10**12))
-    tag = f"{job.seed}-{time.time_ns()}"
+    tag = f"{job.seed}-{index}-{time.time_ns()}"
 
     async def ceiling() -> int:
         await health.Check(hreq)
@@ -91,18 +92,25 @@ def make_call(job: Job, channel: grpc.aio.Channel,  # type: ignore[no-untyped-de
 
 
 async def _run(job: Job) -> dict[str, object]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{job.port}")
+    # Several connections, not one: the server's workers share the port (SO_REUSEPORT)
+    # and the kernel hands each new connection to one of them, so with a single
+    # connection per generator a whole measurement could land on one worker. A local
+    # subchannel pool makes each channel its own connection.
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{job.port}",
+                                          options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(max(1, job.channels))]
     rpc_latencies: list[float] = []
-    call = make_call(job, channel, rpc_latencies)
+    calls = [make_call(job, ch, rpc_latencies, i) for i, ch in enumerate(channels)]
     latencies: list[float] = []
     rpcs = 0
     errors = 0
-    await call()  # connect and warm
+    for call in calls:
+        await call()  # connect and warm
     rpc_latencies.clear()
     start = time.perf_counter()
     stop = start + job.seconds
 
-    async def one(t_sched: float) -> None:
+    async def one(t_sched: float, call) -> None:  # type: ignore[no-untyped-def]
         nonlocal rpcs, errors
         try:
             done = await call()
@@ -112,10 +120,11 @@ async def _run(job: Job) -> dict[str, object]:
         latencies.append(time.perf_counter() - t_sched)
 
     if job.rate <= 0:
-        async def worker() -> None:
+        async def worker(k: int) -> None:
+            call = calls[k % len(calls)]
             while time.perf_counter() < stop:
-                await one(time.perf_counter())
-        await asyncio.gather(*(worker() for _ in range(job.concurrency)))
+                await one(time.perf_counter(), call)
+        await asyncio.gather(*(worker(k) for k in range(job.concurrency)))
     else:
         interval = 1.0 / job.rate
         pending: set[asyncio.Task[None]] = set()
@@ -127,14 +136,15 @@ async def _run(job: Job) -> dict[str, object]:
             delay = t_sched - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(one(t_sched))
+            task = asyncio.create_task(one(t_sched, calls[i % len(calls)]))
             pending.add(task)
             task.add_done_callback(pending.discard)
             i += 1
         if pending:
             await asyncio.wait(pending, timeout=30)
     elapsed = time.perf_counter() - start
-    await channel.close()
+    for ch in channels:
+        await ch.close()
     return {"rpcs": rpcs, "requests": len(latencies), "errors": errors, "elapsed": elapsed,
             "latencies": latencies, "rpc_latencies": rpc_latencies}
 

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, common_pb2, quota_pb2, quota_pb2_grpc
 
 M = "message_tokens"
+CHANNELS = 8
 
 
 def start_server(data_dir: str) -> tuple[subprocess.Popen[str], int]:
@@ -71,10 +72,14 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def bench(port: int, seconds: float, concurrency: int, orgs: int) -> dict[str, object]:
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    admin = admin_pb2_grpc.AdminServiceStub(ch)
-    quota = quota_pb2_grpc.QuotaServiceStub(ch)
-    health = health_pb2_grpc.HealthStub(ch)
+    # Several connections: the server's workers share the port and the kernel hands each
+    # connection to one of them; over one connection only one worker would serve.
+    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                       options=[("grpc.use_local_subchannel_pool", 1)])
+             for _ in range(CHANNELS)]
+    admin = admin_pb2_grpc.AdminServiceStub(chans[0])
+    quotas = [quota_pb2_grpc.QuotaServiceStub(ch) for ch in chans]
+    healths = [health_pb2_grpc.HealthStub(ch) for ch in chans]
     await admin.UpsertPlan(admin_pb2.UpsertPlanRequest(name="bench", allowances=[
         admin_pb2.Allowance(meter=M, monthly=2**49)]))
     for o in range(orgs):
@@ -83,10 +88,11 @@ async def bench(port: int, seconds: float, concurrency: int, orgs: int) -> dict[
     hreq = health_pb2.HealthCheckRequest()
 
     async def health_one(w: int, i: int) -> int:
-        await health.Check(hreq)
+        await healths[w % CHANNELS].Check(hreq)
         return 1
 
     async def reserve_commit(w: int, i: int) -> int:
+        quota = quotas[w % CHANNELS]
         r = await quota.Reserve(quota_pb2.ReserveRequest(
             subject=common_pb2.Subject(org_id=f"org-{(w * 7919 + i) % orgs}"),
             charges=[common_pb2.Charge(meter=M, amount=2_000)],
@@ -100,7 +106,8 @@ async def bench(port: int, seconds: float, concurrency: int, orgs: int) -> dict[
     await run_for(1.0, concurrency, reserve_commit)
     ceiling, hl = await run_for(seconds, concurrency, health_one)
     rc, rl = await run_for(seconds, concurrency, reserve_commit)
-    await ch.close()
+    for ch in chans:
+        await ch.close()
     return {
         "concurrency": concurrency, "seconds": seconds, "orgs": orgs,
         "health_rps": round(ceiling), "health_p50_ms": round(pct(hl, .5), 3),

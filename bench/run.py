@@ -129,11 +129,15 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
           rate: float, a: argparse.Namespace) -> dict[str, Any]:
     jobs = [loadgen.Job(port=port, scenario=scenario, seconds=seconds, concurrency=concurrency,
                         rate=rate / generators if rate else 0.0, orgs=a.orgs, teams=a.teams,
-                        seats=a.seats, seed=i + 1) for i in range(generators)]
+                        seats=a.seats, seed=i + 1, channels=a.channels)
+            for i in range(generators)]
     before = _cpu_now()
+    workers = WATCH["quotagate"][1:]
+    w_before = [_proc_cpu(w) for w in workers]
     with mp.get_context("spawn").Pool(generators) as pool:
         results = pool.map(loadgen.run, jobs)
     after = _cpu_now()
+    w_spent = [_proc_cpu(w) - b for w, b in zip(workers, w_before, strict=True)]
     lat = sorted(x for r in results for x in r["latencies"])  # type: ignore[attr-defined]
     rpc = sorted(x for r in results for x in r["rpc_latencies"])  # type: ignore[attr-defined]
     elapsed = max(float(r["elapsed"]) for r in results)  # type: ignore[arg-type]
@@ -151,6 +155,8 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
     per_rpc = {role: round(v / rpcs * 1e6, 1) for role, v in cpu.items()}
     per_rpc["total"] = round(sum(cpu.values()) / rpcs * 1e6, 1)
     result: dict[str, Any] = {**out, "cpu_us_per_rpc": per_rpc}
+    if sum(w_spent) > 0:  # how evenly the kernel spread the connections over the workers
+        result["worker_cpu_share"] = [round(x / sum(w_spent), 2) for x in w_spent]
     if rpc:  # reserve_commit: each RPC's own latency as well as the pair's
         result.update(rpc_p50_ms=pct(rpc, 0.50), rpc_p99_ms=pct(rpc, 0.99),
                       rpc_p999_ms=pct(rpc, 0.999))
@@ -359,6 +365,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--generators", type=int, default=2, help="load generator processes")
     p.add_argument("--concurrency", type=int, default=32, help="callers per generator")
+    p.add_argument("--channels", type=int, default=8,
+                   help="connections per generator (the kernel spreads connections, not "
+                        "requests, over the workers)")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=5,
                    help="ceiling/scenario pairs per scenario (the median ratio is reported)")
