@@ -175,3 +175,16 @@ async def test_commands_carry_any_bytes(redis_server: Any, redis: Any) -> None:
         want = v if isinstance(v, bytes) else str(v).encode()
         assert await redis.get(f"mux:{i}") == want
     await mux.aclose()
+
+
+@pytest.mark.parametrize("args", [
+    ("FCALL", "qg_x_reserve", 2, "qg:{7}:org:o", "qg:{7}:bal:o:m", 1763919238123, "R", ""),
+    ("SET", "k", "ünïcødé ✓", -7, b"\x00\xff raw", "a\r\nb", 0, 2**50),
+])
+def test_the_c_packer_writes_what_the_python_one_writes(args: tuple[Any, ...]) -> None:
+    """The spend path packs with hiredis where it can: byte for byte the same commands
+    as the Python packer (the fallback), for text, non-ASCII text, bytes and integers."""
+    from quotagate.ledger import mux
+
+    assert mux.pack(args) == mux.pack_py(args) == mux.pack_py(list(args))
+    assert mux.pack(args).startswith(b"*%d\r\n" % len(args))

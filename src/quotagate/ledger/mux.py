@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -48,7 +49,7 @@ def _pack_bytes(args: tuple[Any, ...] | list[Any]) -> bytes:
     return b"".join(out)
 
 
-def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
+def pack_py(args: tuple[Any, ...] | list[Any]) -> bytes:
     """RESP array of bulk strings (str, bytes, int). The usual command is all ASCII text
     (escaped ids, numbers, JSON): it is built as one str and encoded once."""
     parts = []
@@ -60,6 +61,12 @@ def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
             return _pack_bytes(args)
         parts.append(f"${len(a)}\r\n{a}\r\n")
     return (f"*{len(args)}\r\n" + "".join(parts)).encode()
+
+
+#: hiredis packs the same bytes in C, in half the time (hiredis 2.1 and later); the
+#: Python version is the fallback and the reference the tests compare it with.
+pack: Callable[[tuple[Any, ...] | list[Any]], bytes] = \
+    getattr(hiredis, "pack_command", None) or pack_py
 
 
 class _Conn(asyncio.Protocol):
