@@ -160,8 +160,10 @@ class Ledger:
             [subject.org_id, subject.team_id, subject.seat_id, subject.assistant_id,
              [(c.meter, c.amount) for c in items], action, feature, ttl, allow_partial, lbl],
             separators=(",", ":")).encode()).hexdigest()[:32]
-        reply = await self._run_reserve("R", subject, items, feature, action, lbl,
-                                        ttl, allow_partial, idempotency_key, fingerprint)
+        # no labels: the hold and its ledger entries carry none ("{}" only in the fingerprint)
+        reply = await self._run_reserve("R", subject, items, feature, action,
+                                        lbl if labels else "", ttl, allow_partial,
+                                        idempotency_key, fingerprint)
         _raise_if_error(reply)
         return ReserveResult(
             decision=Decision(_s(reply[1])), reason=DenyReason(_s(reply[2])),
@@ -174,7 +176,7 @@ class Ledger:
         meter = meter or self.catalog.default_meter
         validate.meter(self.catalog, meter, "meter")
         validate.ident(feature, "feature", required=False)
-        reply = await self._run_reserve("C", subject, (Charge(meter, 1),), feature, "", "{}",
+        reply = await self._run_reserve("C", subject, (Charge(meter, 1),), feature, "", "",
                                         1000, False, "", "")
         return CheckResult(active=_s(reply[1]) == "G", reason=DenyReason(_s(reply[2])),
                            silent=bool(_i(reply[3])),

@@ -500,8 +500,17 @@ local function seat_room(ws, se, limit)
   return r
 end
 
--- Append an entry to the shard's ledger stream (the syncer copies it to SQL).
+-- Append an entry to the shard's ledger stream (the syncer copies it to SQL). Fields
+-- whose value is '' (no team, no seat, no labels, …) are left out: the syncer reads an
+-- absent field as '', and every field left out is bytes saved in the stream, in the AOF
+-- and in the replication stream.
 local function ledger_add(stream, maxlen, fields)
+  local j = 0
+  for i = 1, #fields, 2 do
+    local v = fields[i + 1]
+    if v ~= '' then fields[j + 1] = fields[i]; fields[j + 2] = v; j = j + 2 end
+  end
+  for i = #fields, j + 1, -1 do fields[i] = nil end
   if maxlen > 0 then
     redis.call('XADD', stream, 'MAXLEN', '~', I(maxlen), '*', unpack(fields))
   else
@@ -512,13 +521,17 @@ end
 -- ---------------------------------------------------------------------------------
 -- Holds. A hold is a hash (keys.py: hold_key) with:
 --   st  H (held) | C (committed) | R (refunded) | E (expired)
---   o, te, se, ae   escaped org, team, seat, assistant ids ('' when absent)
---   cfg             the org's configuration key     pre  the shard's key prefix
+--   o               escaped org id
+--   te, se, ae      escaped team, seat, assistant ids (absent when none)
 --   n               number of charges; for charge i (1-based):
---   m<i> meter  k<i> kind (c counter | g gauge)  b<i> balance key  g<i> amount held
+--   m<i> meter  k<i> kind (c counter | g gauge)  g<i> amount held
 --   t<i> takes "code:pid:amount,…" (codes Sm St Tm Tt Om Ot)  hp<i> period of the seat cap
 --   c<i> charged by Commit   x<i> takes charged ("D" = debt)   r<i> refunded
---   exp  expiry (ms)   act  action   feat  feature   lbl  labels (JSON)
+--   exp  expiry (ms)   act  action   feat  feature   lbl  labels (JSON) (absent when none)
+--   at   when it was made (ms)   done  when it was resolved (ms)
+-- hold_read adds what follows from the key and the fields, so a hold never stores it:
+--   rid  the reservation id   pre  the shard's key prefix   cfg  the org's configuration
+--   b<i> charge i's balance key. Holds written before this layout carry them; they agree.
 -- ---------------------------------------------------------------------------------
 
 local HOLD_STATE = {H = 1, C = 2, R = 3, E = 4}
@@ -538,12 +551,23 @@ local function hold_ctx(h, i, now)
   return ctx
 end
 
+local HOLD_TEXT = {'te', 'se', 'ae', 'act', 'feat', 'lbl'}
+
 local function hold_read(key)
   local flat = redis.call('HGETALL', key)
   if #flat == 0 then return nil end
   local h = {}
   for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
   h.n = tonumber(h.n)
+  for i = 1, #HOLD_TEXT do
+    if not h[HOLD_TEXT[i]] then h[HOLD_TEXT[i]] = '' end
+  end
+  if not h.pre then h.pre = string.match(key, '^(.-}:)') end
+  if not h.rid then h.rid = string.sub(key, #h.pre + 3) end
+  if not h.cfg then h.cfg = h.pre .. 'org:' .. h.o end
+  for i = 1, h.n do
+    if not h['b' .. i] then h['b' .. i] = h.pre .. 'bal:' .. h.o .. ':' .. h['m' .. i] end
+  end
   return h
 end
 

@@ -170,9 +170,16 @@ end
 -- Hold: take each grant in burn order and record exactly what came from where.
 local expires = now + ttl
 local org_e = string.sub(cfg, #pre + 5)
-local fields = {'st', 'H', 'rid', rid, 'o', org_e, 'te', te, 'se', se,
-  'ae', ae, 'cfg', cfg, 'pre', pre, 'n', I(n), 'exp', I(expires), 'act', action,
-  'feat', feature, 'lbl', labels, 'at', I(now)}
+-- Only what cannot be derived (hold_read rebuilds rid, pre, cfg and the balance keys),
+-- and no empty ids: a smaller hash to write, to read back and to append to the AOF.
+local fields = {'st', 'H', 'o', org_e, 'n', I(n), 'exp', I(expires), 'at', I(now)}
+local optional = {'te', te, 'se', se, 'ae', ae, 'act', action, 'feat', feature,
+  'lbl', labels}
+for j = 1, #optional, 2 do
+  if optional[j + 1] ~= '' then
+    fields[#fields + 1] = optional[j]; fields[#fields + 1] = optional[j + 1]
+  end
+end
 local granted = {}
 for i = 1, n do
   local takes = chain_hold(ctxs[i], wss[i], grants[i])
@@ -181,10 +188,12 @@ for i = 1, n do
   after_change(ctxs[i], now, false)
   local t = takes_encode(takes)
   local sfx = I(i)
-  for _, kv in ipairs({{'m', charges[i].meter}, {'k', charges[i].kind}, {'b', charges[i].bal},
-      {'g', I(grants[i])}, {'t', t}, {'hp', I(ctxs[i].pid)}}) do
-    fields[#fields + 1] = kv[1] .. sfx; fields[#fields + 1] = kv[2]
-  end
+  local nf = #fields
+  fields[nf + 1] = 'm' .. sfx; fields[nf + 2] = charges[i].meter
+  fields[nf + 3] = 'k' .. sfx; fields[nf + 4] = charges[i].kind
+  fields[nf + 5] = 'g' .. sfx; fields[nf + 6] = I(grants[i])
+  fields[nf + 7] = 't' .. sfx; fields[nf + 8] = t
+  fields[nf + 9] = 'hp' .. sfx; fields[nf + 10] = I(ctxs[i].pid)
   granted[#granted + 1] = charges[i].meter; granted[#granted + 1] = grants[i]
   ledger_add(ledger, maxlen, {'type', 'reserve', 'rid', rid, 'org', org_e, 'team', te,
     'seat', se, 'assistant', ae, 'meter', charges[i].meter, 'amount', I(grants[i]),

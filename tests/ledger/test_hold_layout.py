@@ -1,0 +1,115 @@
+"""What a hold and a ledger entry store: nothing the scripts can derive (reservation id,
+shard prefix, configuration and balance keys) and no empty ids, so each Reserve and Commit
+writes fewer bytes to Redis, its AOF and its replicas. Holds written by earlier versions,
+which stored all of it, must still resolve exactly once with exact balances."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from quotagate.clock import ManualClock
+from quotagate.ledger.model import Charge, Decision, HoldState, Subject
+from quotagate.ledger.store import Ledger
+from quotagate.sync.sink import entry_of
+
+M = "message_tokens"
+
+
+def text(d: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in d.items()}
+
+
+async def entries(redis: Any, led: Ledger, org: str, rid: str) -> list[dict[str, str]]:
+    stream = led.keys.ledger(led.keys.shard_of(org))
+    return [text(f) for _, f in await redis.xrange(stream) if f.get(b"rid") == rid.encode()]
+
+
+async def test_a_hold_keeps_only_what_cannot_be_derived(redis: Any, ledger: Ledger) -> None:
+    await ledger.upsert_org("o", "pro")
+    r = await ledger.reserve(Subject("o"), [Charge(M, 100)], idempotency_key="k1")
+    assert r.decision is Decision.GRANTED
+    hold = text(await redis.hgetall(ledger.keys.hold(r.reservation_id)))
+    assert set(hold) == {"st", "o", "n", "exp", "at", "m1", "k1", "g1", "t1", "hp1"}
+    assert hold["st"] == "H" and hold["o"] == "o" and hold["g1"] == "100"
+    await ledger.commit(r.reservation_id, [Charge(M, 60)])
+
+    # no team, seat, assistant, action, feature or labels: the entries leave them out, and
+    # the syncer stores them as '' all the same
+    for e in await entries(redis, ledger, "o", r.reservation_id):
+        assert not {"team", "seat", "assistant", "action", "feature", "labels"} & set(e)
+        assert "late" not in e
+        row = entry_of(0, "1-0", e)
+        assert (row.org, row.team, row.seat, row.assistant, row.action, row.feature) == \
+            ("o", "", "", "", "", "")
+    (b,) = await ledger.get_balance(Subject("o"), [M])
+    assert b.used == 60 and b.reserved == 0
+
+
+async def test_ids_and_labels_that_are_given_are_kept(redis: Any, ledger: Ledger) -> None:
+    await ledger.upsert_org("o", "pro")
+    await ledger.upsert_team("o", "t 1")
+    await ledger.upsert_seat("o", "s/1", "t 1")
+    s = Subject("o", "t 1", "s/1")
+    r = await ledger.reserve(s, [Charge(M, 100)], idempotency_key="k1",
+                             feature="chat", labels={"conv": "c1"})
+    hold = text(await redis.hgetall(ledger.keys.hold(r.reservation_id)))
+    assert hold["te"] == "t%201" and hold["se"] == "s%2F1" and hold["feat"] == "chat"
+    assert hold["lbl"] == '{"conv":"c1"}' and "ae" not in hold and "act" not in hold
+    await ledger.commit(r.reservation_id)
+    (reserve, commit) = await entries(redis, ledger, "o", r.reservation_id)
+    for e in (reserve, commit):
+        row = entry_of(0, "1-0", e)
+        assert (row.team, row.seat, row.feature) == ("t 1", "s/1", "chat")
+        assert e["labels"] == '{"conv":"c1"}'
+
+
+async def earlier_layout(redis: Any, led: Ledger, rid: str, org: str) -> None:
+    """Rewrite a hold as versions before this layout stored it."""
+    k = led.keys
+    pre = k.org_prefix(org)
+    await redis.hset(k.hold(rid), mapping={
+        "rid": rid, "cfg": k.cfg(org), "pre": pre, "b1": k.bal(org, M), "te": "", "se": "",
+        "ae": "", "act": "", "feat": "", "lbl": "{}"})
+
+
+@pytest.mark.parametrize("op", ["commit", "refund", "extend", "expire", "late_commit"])
+async def test_holds_of_the_earlier_layout_still_resolve(
+        redis: Any, ledger: Ledger, clock: ManualClock, op: str) -> None:
+    await ledger.upsert_org("o", "pro")
+    r = await ledger.reserve(Subject("o"), [Charge(M, 100)], idempotency_key="k1",
+                             ttl_seconds=60)
+    await earlier_layout(redis, ledger, r.reservation_id, "o")
+    (before,) = await ledger.get_balance(Subject("o"), [M])
+    assert before.reserved == 100
+    used, reserved = 0, 0
+    if op == "commit":
+        res = await ledger.commit(r.reservation_id, [Charge(M, 70)])
+        assert res.state is HoldState.COMMITTED
+        used = 70
+    elif op == "refund":
+        res = await ledger.refund(r.reservation_id)
+        assert res.state is HoldState.REFUNDED
+    elif op == "extend":
+        ext = await ledger.extend(r.reservation_id, [Charge(M, 50)])
+        assert ext.decision is Decision.GRANTED
+        reserved = 150
+    else:
+        clock.advance(61_000)
+        await ledger.sweep(ledger.keys.shard_of("o"))
+        state = await redis.hget(ledger.keys.hold(r.reservation_id), "st")
+        assert state == b"E"
+        if op == "late_commit":  # usage after expiry is still charged, once
+            res = await ledger.commit(r.reservation_id, [Charge(M, 30)])
+            assert res.state is HoldState.COMMITTED
+            used = 30
+    (after,) = await ledger.get_balance(Subject("o"), [M])
+    assert (after.used, after.reserved) == (used, reserved)
+    assert after.remaining == before.remaining + before.reserved - used - reserved
+    # a repeat answers the first result and charges nothing more
+    if op in ("commit", "late_commit"):
+        again = await ledger.commit(r.reservation_id, [Charge(M, 99)])
+        assert again.state is HoldState.COMMITTED
+        (same,) = await ledger.get_balance(Subject("o"), [M])
+        assert same.used == used
