@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from quotagate.ledger import model
 from quotagate.v1 import common_pb2
 
@@ -18,11 +16,10 @@ REASON = {r: getattr(common_pb2, "DENY_REASON_" + (r.name if r.value else "UNSPE
 HOLD_STATE = {s: getattr(common_pb2, "HOLD_STATE_" + s.name) for s in model.HoldState}
 
 
-def ts(ms: int) -> Timestamp:
-    t = Timestamp()
-    if ms:
-        t.FromMilliseconds(ms)
-    return t
+def ts(ms: int) -> dict[str, int]:
+    """A Timestamp field's value as constructor keywords (the message is built in place,
+    not built and then copied in)."""
+    return {"seconds": ms // 1000, "nanos": ms % 1000 * 1_000_000}
 
 
 def subject(s: common_pb2.Subject) -> model.Subject:
@@ -33,13 +30,11 @@ def charges(items: Iterable[common_pb2.Charge]) -> list[model.Charge]:
     return [model.Charge(c.meter, c.amount) for c in items]
 
 
-def charges_pb(items: Iterable[model.Charge]) -> list[common_pb2.Charge]:
-    return [common_pb2.Charge(meter=c.meter, amount=c.amount) for c in items]
+def charges_pb(items: Iterable[model.Charge]) -> list[dict[str, object]]:
+    """Repeated Charge fields as constructor keywords, like `ts`."""
+    return [{"meter": c.meter, "amount": c.amount} for c in items]
 
 
-def _ts(ms: int) -> dict[str, int]:
-    """A Timestamp as constructor keywords: cheaper than building one and copying it."""
-    return {"seconds": ms // 1000, "nanos": ms % 1000 * 1_000_000}
 
 
 def balance_pb(b: model.MeterBalance) -> common_pb2.MeterBalance:
@@ -47,8 +42,8 @@ def balance_pb(b: model.MeterBalance) -> common_pb2.MeterBalance:
         meter=b.meter, used=b.used, total=b.total, remaining=b.remaining, reserved=b.reserved,
         monthly_granted=b.monthly_granted, monthly_used=b.monthly_used,
         topup_remaining=b.topup_remaining, overage_used=b.overage_used,
-        overage_cap=b.overage_cap, debt=b.debt, period_start=_ts(b.period_start_ms),
-        period_end=_ts(b.period_end_ms))
+        overage_cap=b.overage_cap, debt=b.debt, period_start=ts(b.period_start_ms),
+        period_end=ts(b.period_end_ms))
 
 
 def balances_pb(items: Iterable[model.MeterBalance]) -> list[common_pb2.MeterBalance]:
