@@ -101,8 +101,8 @@ for i = 1, h.n do
   fields[#fields + 1] = 'x' .. i; fields[#fields + 1] = x
   ledger_add(ledger, maxlen, {'type', 'commit', 'rid', h.rid, 'org', h.o, 'team', h.te,
     'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', I(a), 'takes', x,
-    'late', late and '1' or '', 'action', h.act or '', 'feature', h.feat or '',
-    'labels', (labels ~= '' and labels) or h.lbl or '', 'at', I(now)})
+    'late', late and '1' or '', 'action', h.act, 'feature', h.feat,
+    'labels', (labels ~= '' and labels) or h.lbl, 'at', I(now)})
 end
 redis.call('HSET', key, unpack(fields))
 -- A committed gauge charge (stored bytes) is given back by a Refund when the file is

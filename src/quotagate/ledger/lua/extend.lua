@@ -38,10 +38,10 @@ local function deny(reason, silent)
 end
 
 if na > 0 then
-  local o = redis.call('HMGET', h.cfg, 'ai', 'f:' .. (h.feat or ''),
-    'tf:' .. h.te .. ':' .. (h.feat or ''))
+  local o = redis.call('HMGET', h.cfg, 'ai', 'f:' .. h.feat,
+    'tf:' .. h.te .. ':' .. h.feat)
   if o[1] ~= '1' then return deny('ai', false) end
-  if (h.feat or '') ~= '' and (o[2] == '0' or (h.te ~= '' and o[3] == '0')) then
+  if h.feat ~= '' and (o[2] == '0' or (h.te ~= '' and o[3] == '0')) then
     return deny('feature', false)
   end
   if h.ae ~= '' and redis.call('HGET', h.cfg, 'as:' .. h.ae) ~= '1' then
@@ -81,8 +81,8 @@ for i = 1, h.n do
     granted[#granted + 1] = h['m' .. i]; granted[#granted + 1] = a
     ledger_add(h.pre .. 'ledger', maxlen, {'type', 'extend', 'rid', h.rid, 'org', h.o,
       'team', h.te, 'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', I(a),
-      'takes', takes_encode(takes), 'action', h.act or '', 'feature', h.feat or '',
-      'labels', h.lbl or '', 'at', I(now)})
+      'takes', takes_encode(takes), 'action', h.act, 'feature', h.feat,
+      'labels', h.lbl, 'at', I(now)})
   end
 end
 redis.call('HSET', key, unpack(fields))

@@ -551,6 +551,11 @@ local function hold_ctx(h, i, now)
   return ctx
 end
 
+-- The shard prefix ("<ns>:{<shard>}:") a key starts with.
+local function shard_prefix(key)
+  return string.match(key, '^(.-}:)')
+end
+
 local HOLD_TEXT = {'te', 'se', 'ae', 'act', 'feat', 'lbl'}
 
 local function hold_read(key)
@@ -562,7 +567,7 @@ local function hold_read(key)
   for i = 1, #HOLD_TEXT do
     if not h[HOLD_TEXT[i]] then h[HOLD_TEXT[i]] = '' end
   end
-  if not h.pre then h.pre = string.match(key, '^(.-}:)') end
+  if not h.pre then h.pre = shard_prefix(key) end
   if not h.rid then h.rid = string.sub(key, #h.pre + 3) end
   if not h.cfg then h.cfg = h.pre .. 'org:' .. h.o end
   for i = 1, h.n do
@@ -593,8 +598,8 @@ local function hold_release_all(h, key, now, state, ledger, maxlen, retain_ms, k
     after_change(ctx, now, true)
     ledger_add(ledger, maxlen, {'type', kind, 'rid', h.rid, 'org', h.o, 'team', h.te,
       'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', h['g' .. i],
-      'takes', h['t' .. i], 'action', h.act or '', 'feature', h.feat or '',
-      'labels', h.lbl or '', 'at', I(now)})
+      'takes', h['t' .. i], 'action', h.act, 'feature', h.feat,
+      'labels', h.lbl, 'at', I(now)})
   end
   redis.call('HSET', key, 'st', state, 'done', I(now))
   redis.call('PEXPIRE', key, retain_ms)
@@ -624,10 +629,6 @@ end
 
 local function unesc(s)
   return (string.gsub(s, '%%(%x%x)', function(h) return string.char(tonumber(h, 16)) end))
-end
-
-local function shard_prefix(key)
-  return string.match(key, '^(.-}:)')
 end
 
 local function emit(key, etype, id, org_e, attrs, now)

@@ -85,7 +85,7 @@ for i = 1, h.n do
     after_change(ctx, now, true)
     ledger_add(ledger, maxlen, {'type', 'refund', 'rid', h.rid, 'org', h.o, 'team', h.te,
       'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', I(x),
-      'action', h.act or '', 'feature', h.feat or '', 'labels', h.lbl or '',
+      'action', h.act, 'feature', h.feat, 'labels', h.lbl,
       'reason', reason, 'at', I(now)})
   end
   h['r' .. i] = I(x)
