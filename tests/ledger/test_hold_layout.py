@@ -113,3 +113,35 @@ async def test_holds_of_the_earlier_layout_still_resolve(
         assert again.state is HoldState.COMMITTED
         (same,) = await ledger.get_balance(Subject("o"), [M])
         assert same.used == used
+
+
+async def test_wallets_of_the_comma_layout_still_spend_exactly(
+        redis: Any, ledger: Ledger) -> None:
+    """Builds before the JSON-array wallet wrote the same integers comma-separated."""
+    await ledger.upsert_org("o", "pro")
+    await ledger.upsert_team("o", "t")
+    await ledger.upsert_seat("o", "s", "t")
+    s = Subject("o", "t", "s")
+    await ledger.transfer("o", M, 500, "monthly", to_team_id="t", idempotency_key="x1")
+    await ledger.transfer("o", M, 200, "monthly", from_team_id="t", to_seat_id="s",
+                          idempotency_key="x2")
+    r = await ledger.reserve(s, [Charge(M, 300)], idempotency_key="k1")
+    (before,) = await ledger.get_balance(s, [M])
+    bal = ledger.keys.bal("o", M)
+    wallets = {f: v for f, v in text(await redis.hgetall(bal)).items() if f.endswith("w")}
+    assert set(wallets) == {"w", "T:t:w", "S:s:w"}
+    assert all(v.startswith("[") and v.endswith("]") for v in wallets.values())
+    await redis.hset(bal, mapping={f: v[1:-1] for f, v in wallets.items()})
+
+    (same,) = await ledger.get_balance(s, [M])
+    assert same == before
+    res = await ledger.commit(r.reservation_id, [Charge(M, 250)])
+    assert res.amounts == (Charge(M, 250),)
+    (after,) = await ledger.get_balance(s, [M])
+    assert (after.used, after.reserved) == (before.used + 250, before.reserved - 300)
+    assert after.remaining == before.remaining + 50
+    # the wallets the commit changed (seat and team paid for it) are written back in the
+    # array form; the org wallet it did not touch stays as it was
+    now = text(await redis.hgetall(bal))
+    assert now["S:s:w"].startswith("[") and now["T:t:w"].startswith("[")
+    assert now["w"] == wallets["w"][1:-1]

@@ -242,8 +242,13 @@ async def test_flushall_then_restore_gives_every_balance_back(
 
 
 def _w(**kv: int) -> str:
-    """A packed wallet (lib.lua's WF order) with the given counters, others 0."""
-    return ",".join(str(kv.get(name, 0)) for name in WALLET)
+    """A packed wallet (lib.lua's WF order, a JSON array) with the given counters, others 0."""
+    return "[" + ",".join(str(kv.get(name, 0)) for name in WALLET) + "]"
+
+
+def _w_comma(**kv: int) -> str:
+    """The same wallet as builds before the JSON array wrote it."""
+    return _w(**kv)[1:-1]
 
 
 async def test_restore_merge_keeps_what_redis_still_knows() -> None:
@@ -261,6 +266,10 @@ async def test_restore_merge_keeps_what_redis_still_knows() -> None:
     # SQL's newer period wins the whole wallet; an unreadable Redis copy yields to SQL's
     assert merge_wallet(_w(p=4, mu=99), _w(p=5, mu=1)) == _w(p=5, mu=1)
     assert merge_wallet("garbage", _w(p=5)) == _w(p=5)
+    # snapshots (or Redis) in the comma-separated form of earlier builds merge the same
+    assert merge_wallet(_w_comma(p=5, mu=50, tb=100), _w(p=5, mu=40, tb=120, mg=10)) \
+        == _w(p=5, mu=50, tb=100, mg=10)
+    assert merge_wallet(_w(p=4, mu=99), _w_comma(p=5, mu=1)) == _w_comma(p=5, mu=1)
     assert merge_union({"a": "1"}, {"a": "2", "b": "3"}) == {"b": "3"}
 
 

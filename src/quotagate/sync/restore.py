@@ -3,7 +3,8 @@ Redis lost data (a crash beyond its AOF, a failover to an empty replica, FLUSHAL
 
 Every snapshot is merged into what Redis holds now, field by field:
 
-- balances (`bal`): per wallet (the packed field `w`, `T:<team>:w`, `S:<seat>:w`):
+- balances (`bal`): per wallet (the packed field `w`, `T:<team>:w`, `S:<seat>:w`, a JSON
+  array of counters or, as earlier builds wrote it, the same comma-separated):
   when Redis and SQL hold the wallet for different periods (`p`), the newer period wins
   the whole wallet (monthly counters of an older period mean nothing in a newer one);
   otherwise the monotonic counters `mu`, `tu` and `cu` and the grant `mg` keep the larger
@@ -56,7 +57,16 @@ def _int(v: str | None) -> int:
         return 0
 
 
+def wallet_text(counters: Mapping[str, int]) -> str:
+    """A packed wallet as lib.lua writes it: the WALLET integers as a JSON array."""
+    return "[" + ",".join(str(counters.get(name, 0)) for name in WALLET) + "]"
+
+
 def _wallet(v: str) -> dict[str, int] | None:
+    """A packed wallet: a JSON array of the WALLET integers, or the same comma-separated
+    without brackets (builds before the array form)."""
+    if v.startswith("[") and v.endswith("]"):
+        v = v[1:-1]
     parts = v.split(",")
     if len(parts) != len(WALLET):
         return None
@@ -77,7 +87,7 @@ def merge_wallet(redis_v: str, sql_v: str) -> str:
         return sql_v    # SQL's period is newer: its wallet wins
     merged = {name: max(r[name], s[name]) if name in LARGER
               else min(r[name], s[name]) if name == "tb" else s[name] for name in WALLET}
-    return ",".join(str(merged[name]) for name in WALLET)
+    return wallet_text(merged)
 
 
 def packed(h: Mapping[str, str]) -> dict[str, str]:
@@ -94,7 +104,7 @@ def packed(h: Mapping[str, str]) -> dict[str, str]:
         else:
             out[f] = v
     for pfx, counters in loose.items():
-        out.setdefault(pfx + "w", ",".join(str(counters.get(n, 0)) for n in WALLET))
+        out.setdefault(pfx + "w", wallet_text(counters))
     return out
 
 

@@ -24,7 +24,7 @@ if na >= 0 then
   for j = 1, na do
     local m, a = ARGV[4 + 2 * j], tonumber(ARGV[5 + 2 * j])
     local found = false
-    for i = 1, h.n do if h['m' .. i] == m then found = true end end
+    for i = 1, h.n do if h.m[i] == m then found = true end end
     if not found then
       return {'ERR', 'INVALID_ARGUMENT', 'actual', 'meter is not part of this reservation'}
     end
@@ -33,8 +33,8 @@ if na >= 0 then
 end
 
 local function want(i)
-  if not actual then return N(h['g' .. i]) end
-  return actual[h['m' .. i]] or 0
+  if not actual then return N(h.g[i]) end
+  return actual[h.m[i]] or 0
 end
 
 local function answer(state)
@@ -43,10 +43,10 @@ local function answer(state)
     local ctx = hold_ctx(h, i, now)
     local ws = chain_load(ctx)
     chain_save(ctx, ws)
-    out[#out + 1] = h['m' .. i]
-    out[#out + 1] = N(h['c' .. i])
-    local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h['m' .. i], ctx))
-    bals[i] = chain_view(ctx, ws, h['m' .. i], room, ctx.pstart, ctx.pend)
+    out[#out + 1] = h.m[i]
+    out[#out + 1] = N(h.c[i])
+    local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h.m[i], ctx))
+    bals[i] = chain_view(ctx, ws, h.m[i], room, ctx.pstart, ctx.pend)
   end
   return {'OK', HOLD_STATE[state], out, bals}
 end
@@ -68,7 +68,7 @@ for i = 1, h.n do
   local left = a
   if not late then
     -- Charge the held takes in burn order; release whatever was not used.
-    local takes = takes_decode(h['t' .. i])
+    local takes = takes_decode(h.t[i])
     for j = 1, #takes do
       local x = math.min(left, takes[j][3])
       if x > 0 then
@@ -87,20 +87,20 @@ for i = 1, h.n do
     charged = takes_merge(charged, extra)
   end
   chain_save(ctx, ws)
-  after_change(ctx, now, a < N(h['g' .. i]))
+  after_change(ctx, now, a < N(h.g[i]))
   if h.ae ~= '' and chain_available(ctx, ws) <= 0 then
     assistant_deactivate(ctx, h.ae, 'exhausted', now)
   end
   -- The answer's balances come from the wallets just saved: no second read.
-  out[#out + 1] = h['m' .. i]; out[#out + 1] = a
-  local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h['m' .. i], ctx))
-  bals[i] = chain_view(ctx, ws, h['m' .. i], room, ctx.pstart, ctx.pend)
+  out[#out + 1] = h.m[i]; out[#out + 1] = a
+  local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h.m[i], ctx))
+  bals[i] = chain_view(ctx, ws, h.m[i], room, ctx.pstart, ctx.pend)
   local x = takes_encode(charged)
-  h['c' .. i] = I(a)
-  fields[#fields + 1] = 'c' .. i; fields[#fields + 1] = I(a)
-  fields[#fields + 1] = 'x' .. i; fields[#fields + 1] = x
+  h.c[i] = I(a)
+  fields[#fields + 1] = hf('c', i); fields[#fields + 1] = I(a)
+  fields[#fields + 1] = hf('x', i); fields[#fields + 1] = x
   ledger_add(ledger, maxlen, {'type', 'commit', 'rid', h.rid, 'org', h.o, 'team', h.te,
-    'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', I(a), 'takes', x,
+    'seat', h.se, 'assistant', h.ae, 'meter', h.m[i], 'amount', I(a), 'takes', x,
     'late', late and '1' or '', 'action', h.act, 'feature', h.feat,
     'labels', (labels ~= '' and labels) or h.lbl, 'at', I(now)})
 end
@@ -108,7 +108,7 @@ redis.call('HSET', key, unpack(fields))
 -- A committed gauge charge (stored bytes) is given back by a Refund when the file is
 -- deleted, maybe months later: keep such holds until then. Others expire after retention.
 local gauge = false
-for i = 1, h.n do if h['k' .. i] == 'g' then gauge = true end end
+for i = 1, h.n do if h.k[i] == 'g' then gauge = true end end
 if gauge then redis.call('PERSIST', key) else redis.call('PEXPIRE', key, retain) end
 redis.call('ZREM', h.pre .. 'exp', h.rid)
 return {'OK', HOLD_STATE['C'], out, bals}

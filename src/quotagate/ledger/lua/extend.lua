@@ -26,7 +26,7 @@ local extra = {}
 for j = 1, na do
   local m, a = ARGV[3 + 2 * j], tonumber(ARGV[4 + 2 * j])
   local idx = nil
-  for i = 1, h.n do if h['m' .. i] == m then idx = i end end
+  for i = 1, h.n do if h.m[i] == m then idx = i end end
   if not idx then
     return {'ERR', 'INVALID_ARGUMENT', 'additional', 'meter is not part of this reservation'}
   end
@@ -56,10 +56,10 @@ for i, a in pairs(extra) do
   ctxs[i], wss[i] = ctx, ws
   local avail = chain_available(ctx, ws)
   if h.ae ~= '' and avail <= 0 then return deny('inactive', true) end
-  local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h['m' .. i], ctx))
+  local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h.m[i], ctx))
   if room >= 0 and room < a and room < avail then return deny('seat', false) end
   if avail < a then
-    if redis.call('HEXISTS', h.cfg, 'oc:' .. h['m' .. i]) == 1 then return deny('overage', false) end
+    if redis.call('HEXISTS', h.cfg, 'oc:' .. h.m[i]) == 1 then return deny('overage', false) end
     return deny('insufficient', false)
   end
 end
@@ -75,12 +75,12 @@ for i = 1, h.n do
     if h.se ~= '' and ws[1].level == 'S' then ws[1].ch = ws[1].ch + a; ws[1].dirty = true end
     chain_save(ctx, ws)
     after_change(ctx, now, false)
-    local merged = takes_encode(takes_merge(takes_decode(h['t' .. i]), takes))
-    fields[#fields + 1] = 't' .. i; fields[#fields + 1] = merged
-    fields[#fields + 1] = 'g' .. i; fields[#fields + 1] = I(N(h['g' .. i]) + a)
-    granted[#granted + 1] = h['m' .. i]; granted[#granted + 1] = a
+    local merged = takes_encode(takes_merge(takes_decode(h.t[i]), takes))
+    fields[#fields + 1] = hf('t', i); fields[#fields + 1] = merged
+    fields[#fields + 1] = hf('g', i); fields[#fields + 1] = I(N(h.g[i]) + a)
+    granted[#granted + 1] = h.m[i]; granted[#granted + 1] = a
     ledger_add(h.pre .. 'ledger', maxlen, {'type', 'extend', 'rid', h.rid, 'org', h.o,
-      'team', h.te, 'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', I(a),
+      'team', h.te, 'seat', h.se, 'assistant', h.ae, 'meter', h.m[i], 'amount', I(a),
       'takes', takes_encode(takes), 'action', h.act, 'feature', h.feat,
       'labels', h.lbl, 'at', I(now)})
   end

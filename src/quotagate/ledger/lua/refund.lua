@@ -22,7 +22,7 @@ if na >= 0 then
   for j = 1, na do
     local m, a = ARGV[4 + 2 * j], tonumber(ARGV[5 + 2 * j])
     local found = false
-    for i = 1, h.n do if h['m' .. i] == m then found = true end end
+    for i = 1, h.n do if h.m[i] == m then found = true end end
     if not found then
       return {'ERR', 'INVALID_ARGUMENT', 'amount', 'meter is not part of this reservation'}
     end
@@ -36,10 +36,10 @@ local function answer(state)
     local ctx = hold_ctx(h, i, now)
     local ws = chain_load(ctx)
     chain_save(ctx, ws)
-    out[#out + 1] = h['m' .. i]
-    out[#out + 1] = N(h['r' .. i])
-    local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h['m' .. i], ctx))
-    bals[i] = chain_view(ctx, ws, h['m' .. i], room, ctx.pstart, ctx.pend)
+    out[#out + 1] = h.m[i]
+    out[#out + 1] = N(h.r[i])
+    local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h.m[i], ctx))
+    bals[i] = chain_view(ctx, ws, h.m[i], room, ctx.pstart, ctx.pend)
   end
   return {'OK', HOLD_STATE[state], out, bals}
 end
@@ -54,8 +54,8 @@ if h.st == 'H' then
   hold_release_all(h, key, now, 'R', ledger, maxlen, retain, 'release')
   local f = {'reason', reason}
   for i = 1, h.n do
-    h['r' .. i] = h['g' .. i]
-    f[#f + 1] = 'r' .. i; f[#f + 1] = h['g' .. i]
+    h.r[i] = h.g[i]
+    f[#f + 1] = hf('r', i); f[#f + 1] = h.g[i]
   end
   redis.call('HSET', key, unpack(f))
   return answer('R')
@@ -64,32 +64,32 @@ end
 -- COMMITTED: credit back in reverse burn order.
 local fields = {'st', 'R', 'reason', reason, 'done', I(now)}
 for i = 1, h.n do
-  local c = N(h['c' .. i])
+  local c = N(h.c[i])
   local x = c
-  if amounts then x = math.min(c, amounts[h['m' .. i]] or 0) end
+  if amounts then x = math.min(c, amounts[h.m[i]] or 0) end
   if x > 0 then
     local ctx = hold_ctx(h, i, now)
     local ws = chain_load(ctx)
-    local takes = takes_in_burn_order(takes_decode(h['x' .. i]))
+    local takes = takes_in_burn_order(takes_decode(h.x[i]))
     local left = x
     for j = #takes, 1, -1 do
       local y = math.min(left, takes[j][3])
       credit_take(ctx, ws, takes[j], y)
       left = left - y
     end
-    if h.se ~= '' and ws[1].level == 'S' and ws[1].p == tonumber(h['hp' .. i]) then
+    if h.se ~= '' and ws[1].level == 'S' and ws[1].p == tonumber(h.hp[i]) then
       ws[1].cu = math.max(0, ws[1].cu - x); ws[1].dirty = true
     end
     ctx.d = settle_debt(ctx.org, ctx.d)
     chain_save(ctx, ws)
     after_change(ctx, now, true)
     ledger_add(ledger, maxlen, {'type', 'refund', 'rid', h.rid, 'org', h.o, 'team', h.te,
-      'seat', h.se, 'assistant', h.ae, 'meter', h['m' .. i], 'amount', I(x),
+      'seat', h.se, 'assistant', h.ae, 'meter', h.m[i], 'amount', I(x),
       'action', h.act, 'feature', h.feat, 'labels', h.lbl,
       'reason', reason, 'at', I(now)})
   end
-  h['r' .. i] = I(x)
-  fields[#fields + 1] = 'r' .. i; fields[#fields + 1] = I(x)
+  h.r[i] = I(x)
+  fields[#fields + 1] = hf('r', i); fields[#fields + 1] = I(x)
 end
 redis.call('HSET', key, unpack(fields))
 redis.call('PEXPIRE', key, retain)

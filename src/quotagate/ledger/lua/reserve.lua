@@ -32,12 +32,8 @@ for i = 1, n do
     bal = KEYS[5 + i]}
 end
 
--- Holds of this shard whose TTL passed are released first, so they never block a grant.
-sweep_shard(pre, now, 4, ledger, maxlen, retain)
-
-local anchor = 1
-
-local function contexts()
+-- One context per charge: its chain's configuration (meter_cfg) from the HMGET reply v.
+local function contexts(v, ks, anchor, seats, lowpct)
   local out = {}
   for i = 1, n do
     local c = charges[i]
@@ -47,16 +43,23 @@ local function contexts()
     else
       ctx.pid, ctx.pstart, ctx.pend = period_of(now, anchor)
     end
+    meter_cfg(ctx, v, ks[i], seats, lowpct)
     out[i] = ctx
   end
   return out
+end
+
+local function load_all(ctxs)
+  local wss = {}
+  for i = 1, n do wss[i] = chain_load(ctxs[i]) end
+  return wss
 end
 
 local function views(ctxs, wss)
   local out = {}
   for i = 1, n do
     local ctx, ws = ctxs[i], wss[i]
-    local room = seat_room(ws, se, seat_limit(cfg, se, ctx.meter, ctx))
+    local room = seat_room(ws, se, ctx.limit)
     out[i] = chain_view(ctx, ws, ctx.meter, room, ctx.pstart, ctx.pend)
   end
   return out
@@ -72,7 +75,9 @@ local function deny(reason, silent, ctxs, wss)
   return {'OK', 'D', reason, silent and 1 or 0, '', 0, {}, bals, 0}
 end
 
--- 0. A retry of a request already granted answers what it answered the first time.
+-- 0. A retry of a request already granted answers what it answered the first time
+-- (whatever changed since: it is the same request).
+local replay = nil
 if mode == 'R' then
   local prev = redis.call('GET', idem)
   if prev then
@@ -82,81 +87,135 @@ if mode == 'R' then
       return {'ERR', 'INVALID_ARGUMENT', 'idempotency_key',
         'idempotency_key was already used for a different request'}
     end
-    local h = hold_read(pre .. 'h:' .. prev_rid)
-    if h then
-      local granted = {}
-      for i = 1, h.n do
-        granted[#granted + 1] = h['m' .. i]; granted[#granted + 1] = h['g' .. i]
-      end
-      anchor = math.max(1, N(redis.call('HGET', cfg, 'anchor')))
-      local ctxs, wss = contexts(), {}
-      for i = 1, n do wss[i] = chain_load(ctxs[i]) end
-      return {'OK', 'G', '', 0, prev_rid, tonumber(h.exp), granted, views(ctxs, wss), 1}
-    end
+    replay = hold_read(pre .. 'h:' .. prev_rid)
+    if replay then replay.rid = prev_rid end
   end
 end
-
--- 1. The org exists, AI is on, the feature is on for the org and the team.
-local o = redis.call('HMGET', cfg, 'anchor', 'ai')
-if o[1] == false then return deny('unknown', false) end
-anchor = math.max(1, N(o[1]))
-if o[2] ~= '1' then return deny('ai', false) end
-
--- Resolve the team: given, else the seat's, else the assistant's.
-if se ~= '' then
-  local st = redis.call('HGET', cfg, 's:' .. se)
-  if st == false then return deny('unknown', false) end
-  if te == '' then te = st elseif st ~= te then return deny('unknown', false) end
+local function replayed(ctxs)
+  local h, granted = replay, {}
+  for i = 1, h.n do
+    granted[#granted + 1] = h.m[i]; granted[#granted + 1] = h.g[i]
+  end
+  local bals = ctxs and views(ctxs, load_all(ctxs)) or {}
+  return {'OK', 'G', '', 0, h.rid, tonumber(h.exp), granted, bals, 1}
 end
-local a_enabled = nil
+
+-- The org's configuration this request needs, in one HMGET: the org's own fields, the
+-- seat's and assistant's registration, the team, the feature switches and every charge's
+-- meter_fields. When the team is not given but follows from the seat or the assistant,
+-- a first HMGET finds it and a second reads what depends on it.
+local head = {'anchor', 'ai', 'seats', 'lowpct'}
+local i_s, i_as, i_at
+if se ~= '' then head[#head + 1] = 's:' .. se; i_s = #head end
 if ae ~= '' then
-  local a = redis.call('HMGET', cfg, 'as:' .. ae, 'at:' .. ae)
-  if a[1] == false then return deny('unknown', false) end
-  a_enabled = (a[1] == '1')
-  if te == '' and a[2] then te = a[2] end
+  head[#head + 1] = 'as:' .. ae; i_as = #head
+  head[#head + 1] = 'at:' .. ae; i_at = #head
 end
-if te ~= '' and redis.call('HEXISTS', cfg, 't:' .. te) == 0 then return deny('unknown', false) end
+local derive = (te == '' and (se ~= '' or ae ~= ''))
 
+-- 1. The org exists, AI is on; the seat, assistant and team are known.
+local function org_checks(o)
+  if o[1] == false then return 'unknown' end
+  if o[2] ~= '1' then return 'ai' end
+  if se ~= '' then
+    local st = o[i_s]
+    if st == false then return 'unknown' end
+    if te == '' then te = st elseif st ~= te then return 'unknown' end
+  end
+  if ae ~= '' then
+    if o[i_as] == false then return 'unknown' end
+    if te == '' and o[i_at] then te = o[i_at] end
+  end
+  return nil
+end
+
+local o, names
+if derive then
+  o = redis.call('HMGET', cfg, unpack(head))
+  local why = org_checks(o)
+  if why then
+    if replay then return replayed(nil) end
+    return deny(why, false)
+  end
+  names = {}
+else
+  names = head
+end
+local i_t, i_f, i_tf
+if te ~= '' then names[#names + 1] = 't:' .. te; i_t = #names end
 if feature ~= '' then
-  local f = redis.call('HMGET', cfg, 'f:' .. feature, 'tf:' .. te .. ':' .. feature)
-  if f[1] == '0' or (te ~= '' and f[2] == '0') then return deny('feature', false) end
+  names[#names + 1] = 'f:' .. feature; i_f = #names
+  if te ~= '' then names[#names + 1] = 'tf:' .. te .. ':' .. feature; i_tf = #names end
 end
+local ks = {}
+for i = 1, n do ks[i] = meter_fields(names, charges[i].meter, te, se) end
+local v = redis.call('HMGET', cfg, unpack(names))
+local why = nil
+if not derive then
+  o = v
+  why = org_checks(o)
+end
+if not why and te ~= '' and v[i_t] == false then why = 'unknown' end
+-- The feature is on for the org and the team.
+if not why and feature ~= '' and (v[i_f] == '0' or (te ~= '' and v[i_tf] == '0')) then
+  why = 'feature'
+end
+if why then
+  if replay then return replayed(nil) end
+  return deny(why, false)
+end
+local anchor = math.max(1, N(o[1]))
+local ctxs = contexts(v, ks, anchor, N(o[3]), o[4])
+if replay then return replayed(ctxs) end
 
-local ctxs, wss = contexts(), {}
-for i = 1, n do wss[i] = chain_load(ctxs[i]) end
-
--- 2. The assistant is enabled and the wallet it draws on can still pay.
-if ae ~= '' then
-  if not a_enabled then return deny('inactive', true, ctxs, wss) end
+-- 2-4, decided before anything is written: the assistant is enabled and the wallet it
+-- draws on can still pay; the seat cap, then the buckets: every charge fits (or, with
+-- allow_partial, what is left of a single one), or nothing is taken. Returns nil and the
+-- grants, or the reason of the denial and, for a dry wallet, the charge that found it.
+local a_enabled = (ae == '') or (o[i_as] == '1')
+local function decide(wss)
+  if not a_enabled then return 'inactive' end
+  if ae ~= '' then
+    for i = 1, n do
+      if chain_available(ctxs[i], wss[i]) <= 0 then return 'exhausted', i end
+    end
+  end
+  local grants = {}
   for i = 1, n do
-    if chain_available(ctxs[i], wss[i]) <= 0 then
-      -- The wallet it draws on ran dry: hide it (silent) and tell the owner, once.
-      assistant_deactivate(ctxs[i], ae, 'exhausted', now)
-      return deny('inactive', true, ctxs, wss)
+    local want = charges[i].amount
+    local room = seat_room(wss[i], se, ctxs[i].limit)
+    local can = chain_available(ctxs[i], wss[i])
+    local why = 'insufficient'
+    if room >= 0 and room < can then can = room; why = 'seat' end
+    if can >= want then
+      grants[i] = want
+    elseif allow_partial and n == 1 and can > 0 then
+      grants[i] = can
+      return 'partial', grants
+    else
+      if why ~= 'seat' and ctxs[i].ohas then why = 'overage' end
+      return why
     end
   end
+  return nil, grants
 end
 
--- 3 and 4. Seat cap, then the buckets: every charge fits, or nothing is taken.
-local grants, binding = {}, ''
-for i = 1, n do
-  local want = charges[i].amount
-  local room = seat_room(wss[i], se, seat_limit(cfg, se, charges[i].meter, ctxs[i]))
-  local avail = chain_available(ctxs[i], wss[i])
-  local can = avail
-  local why = 'insufficient'
-  if room >= 0 and room < avail then can = room; why = 'seat' end
-  if can >= want then
-    grants[i] = want
-  elseif allow_partial and n == 1 and can > 0 then
-    grants[i] = can
-  else
-    if why ~= 'seat' and redis.call('HEXISTS', cfg, 'oc:' .. charges[i].meter) == 1 then
-      why = 'overage'
-    end
-    return deny(why, false, ctxs, wss)
-  end
+local wss = load_all(ctxs)
+local grants
+why, grants = decide(wss)
+-- Holds past their TTL are released before a denial (or a partial grant) stands, so they
+-- never block a grant; a request that fits does not wait for them (the sweeper's job).
+if why and why ~= 'inactive' and sweep_shard(pre, now, 8, ledger, maxlen, retain) > 0 then
+  wss = load_all(ctxs)
+  why, grants = decide(wss)
 end
+if why == 'exhausted' then
+  -- The wallet it draws on ran dry: hide it (silent) and tell the owner, once.
+  assistant_deactivate(ctxs[grants], ae, 'exhausted', now)
+  return deny('inactive', true, ctxs, wss)
+end
+if why == 'inactive' then return deny('inactive', true, ctxs, wss) end
+if why and why ~= 'partial' then return deny(why, false, ctxs, wss) end
 
 if ae ~= '' then
   for i = 1, n do assistant_reactivate(ctxs[i], ae, now) end
@@ -187,13 +246,12 @@ for i = 1, n do
   chain_save(ctxs[i], wss[i])
   after_change(ctxs[i], now, false)
   local t = takes_encode(takes)
-  local sfx = I(i)
   local nf = #fields
-  fields[nf + 1] = 'm' .. sfx; fields[nf + 2] = charges[i].meter
-  fields[nf + 3] = 'k' .. sfx; fields[nf + 4] = charges[i].kind
-  fields[nf + 5] = 'g' .. sfx; fields[nf + 6] = I(grants[i])
-  fields[nf + 7] = 't' .. sfx; fields[nf + 8] = t
-  fields[nf + 9] = 'hp' .. sfx; fields[nf + 10] = I(ctxs[i].pid)
+  fields[nf + 1] = hf('m', i); fields[nf + 2] = charges[i].meter
+  fields[nf + 3] = hf('k', i); fields[nf + 4] = charges[i].kind
+  fields[nf + 5] = hf('g', i); fields[nf + 6] = I(grants[i])
+  fields[nf + 7] = hf('t', i); fields[nf + 8] = t
+  fields[nf + 9] = hf('hp', i); fields[nf + 10] = I(ctxs[i].pid)
   granted[#granted + 1] = charges[i].meter; granted[#granted + 1] = grants[i]
   ledger_add(ledger, maxlen, {'type', 'reserve', 'rid', rid, 'org', org_e, 'team', te,
     'seat', se, 'assistant', ae, 'meter', charges[i].meter, 'amount', I(grants[i]),
