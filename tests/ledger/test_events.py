@@ -9,6 +9,7 @@ from conftest import ms
 from quotagate.clock import ManualClock
 from quotagate.ledger.model import Allowance, Charge, Decision, Subject
 from quotagate.ledger.store import Ledger
+from quotagate.sync.sink import entry_fields
 
 M = "message_tokens"
 
@@ -133,5 +134,5 @@ async def test_period_reset_is_a_ledger_entry(ledger: Ledger, redis: Any,
     await ledger.get_balance(Subject("p"), [M])
     await ledger.get_balance(Subject("p"), [M])
     raw = await redis.xrange(ledger.keys.ledger(ledger.keys.shard_of("p")))
-    resets = [f for _, f in raw if f[b"type"] == b"period_reset"]
-    assert len(resets) == 1 and resets[0][b"amount"] == b"1000"
+    resets = [f for f in map(entry_fields, (f for _, f in raw)) if f["type"] == "period_reset"]
+    assert len(resets) == 1 and resets[0]["amount"] == "1000"

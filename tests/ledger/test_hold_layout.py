@@ -1,7 +1,8 @@
 """What a hold and a ledger entry store: nothing the scripts can derive (reservation id,
-shard prefix, configuration and balance keys) and no empty ids, so each Reserve and Commit
-writes fewer bytes to Redis, its AOF and its replicas. Holds written by earlier versions,
-which stored all of it, must still resolve exactly once with exact balances."""
+shard prefix, configuration and balance keys) and no empty ids in a hold; the spend path's
+ledger entries as one packed field. So each Reserve and Commit writes fewer bytes (and
+fewer fields) to Redis, its AOF and its replicas. Holds, wallets and ledger entries
+written by earlier versions must still resolve exactly once with exact balances."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from quotagate.clock import ManualClock
 from quotagate.ledger.model import Charge, Decision, HoldState, Subject
 from quotagate.ledger.store import Ledger
-from quotagate.sync.sink import entry_of
+from quotagate.sync.sink import entry_fields, entry_of
 
 M = "message_tokens"
 
@@ -22,8 +23,10 @@ def text(d: dict[bytes, bytes]) -> dict[str, str]:
 
 
 async def entries(redis: Any, led: Ledger, org: str, rid: str) -> list[dict[str, str]]:
+    """The reservation's ledger entries as the syncer reads them."""
     stream = led.keys.ledger(led.keys.shard_of(org))
-    return [text(f) for _, f in await redis.xrange(stream) if f.get(b"rid") == rid.encode()]
+    out = [entry_fields(f) for _, f in await redis.xrange(stream)]
+    return [e for e in out if e.get("rid") == rid]
 
 
 async def test_a_hold_keeps_only_what_cannot_be_derived(redis: Any, ledger: Ledger) -> None:
@@ -35,8 +38,12 @@ async def test_a_hold_keeps_only_what_cannot_be_derived(redis: Any, ledger: Ledg
     assert hold["st"] == "H" and hold["o"] == "o" and hold["g1"] == "100"
     await ledger.commit(r.reservation_id, [Charge(M, 60)])
 
-    # no team, seat, assistant, action, feature or labels: the entries leave them out, and
-    # the syncer stores them as '' all the same
+    # the spend path's entries are one packed field each
+    stream = ledger.keys.ledger(ledger.keys.shard_of("o"))
+    rid = r.reservation_id.encode()
+    raw = [f for _, f in await redis.xrange(stream) if rid in f.get(b"e", b"")]
+    assert len(raw) == 2 and all(set(f) == {b"e"} for f in raw)
+    # no team, seat, assistant, action, feature or labels: the syncer stores them as ''
     for e in await entries(redis, ledger, "o", r.reservation_id):
         assert not {"team", "seat", "assistant", "action", "feature", "labels"} & set(e)
         assert "late" not in e
@@ -145,3 +152,17 @@ async def test_wallets_of_the_comma_layout_still_spend_exactly(
     now = text(await redis.hgetall(bal))
     assert now["S:s:w"].startswith("[") and now["T:t:w"].startswith("[")
     assert now["w"] == wallets["w"][1:-1]
+
+
+def test_entries_of_both_forms_make_the_same_row() -> None:
+    """A spend-path entry in one packed field and the same entry with a field each, as
+    earlier builds wrote it, are the same row for the syncer."""
+    one = {"type": "commit", "rid": "r1.ab", "org": "o%20x", "team": "", "seat": "s",
+           "assistant": "", "meter": M, "amount": "70", "takes": "Om:5:70", "late": "",
+           "action": "", "feature": "chat", "labels": '{"a":"b\\nc"}', "at": "1700000000000"}
+    packed = {b"e": "\n".join(x for kv in one.items() for x in kv).encode()}
+    fields = {k.encode(): v.encode() for k, v in one.items() if v}
+    assert entry_of(3, b"1-0", packed) == entry_of(3, b"1-0", fields)
+    row = entry_of(3, b"1-0", packed)
+    assert (row.org, row.seat, row.team, row.amount, row.feature) == ("o x", "s", "", 70,
+                                                                      "chat")

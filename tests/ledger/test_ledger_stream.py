@@ -11,6 +11,7 @@ import pytest
 from quotagate.clock import ManualClock
 from quotagate.ledger.model import Charge, Decision, Subject
 from quotagate.ledger.store import Ledger
+from quotagate.sync.sink import entry_fields
 
 M = "message_tokens"
 
@@ -39,7 +40,7 @@ async def test_cap_of_the_unsynced_ledger_entries(
             assert n == before + 600
             entries = await redis.xrange(stream)
             assert entries[0][0] == oldest
-            assert sum(1 for _, f in entries if f[b"type"] == b"commit") == 300
+            assert sum(1 for _, f in entries if entry_fields(f)["type"] == "commit") == 300
         else:
             # trimmed in whole stream nodes (MAXLEN ~): bounded near the cap, oldest gone
             assert maxlen <= n < 600

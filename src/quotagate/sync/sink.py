@@ -183,10 +183,23 @@ def day_of(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d")
 
 
+def entry_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
+    """A ledger entry's fields as text. The spend path writes its entries as one field
+    `e` (names and values alternating, newline-separated, empty values kept: lib.lua's
+    ledger_add_packed); other entries, and spend-path entries of earlier builds, have a
+    field each. Either way: the non-empty fields."""
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    packed = f.pop("e", None)
+    if packed is not None:
+        parts = packed.split("\n")
+        f.update((k, v) for k, v in zip(parts[0::2], parts[1::2], strict=False) if v)
+    return f
+
+
 def entry_of(shard: int, stream_id: bytes | str,
              fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Entry:
     """A stream entry as the row to store (ids unescaped, net usage, UTC day)."""
-    f = {_text(k): _text(v) for k, v in fields.items()}
+    f = entry_fields(fields)
     sid = _text(stream_id)
     kind = f.get("type", "")
     ids = {name: unescape(f.get(name, "")) for name in _ESCAPED}

@@ -79,7 +79,7 @@ for i = 1, h.n do
     fields[#fields + 1] = hf('t', i); fields[#fields + 1] = merged
     fields[#fields + 1] = hf('g', i); fields[#fields + 1] = I(N(h.g[i]) + a)
     granted[#granted + 1] = h.m[i]; granted[#granted + 1] = a
-    ledger_add(h.pre .. 'ledger', maxlen, {'type', 'extend', 'rid', h.rid, 'org', h.o,
+    ledger_add_packed(h.pre .. 'ledger', maxlen, {'type', 'extend', 'rid', h.rid, 'org', h.o,
       'team', h.te, 'seat', h.se, 'assistant', h.ae, 'meter', h.m[i], 'amount', I(a),
       'takes', takes_encode(takes), 'action', h.act, 'feature', h.feat,
       'labels', h.lbl, 'at', I(now)})

@@ -253,7 +253,7 @@ for i = 1, n do
   fields[nf + 7] = hf('t', i); fields[nf + 8] = t
   fields[nf + 9] = hf('hp', i); fields[nf + 10] = I(ctxs[i].pid)
   granted[#granted + 1] = charges[i].meter; granted[#granted + 1] = grants[i]
-  ledger_add(ledger, maxlen, {'type', 'reserve', 'rid', rid, 'org', org_e, 'team', te,
+  ledger_add_packed(ledger, maxlen, {'type', 'reserve', 'rid', rid, 'org', org_e, 'team', te,
     'seat', se, 'assistant', ae, 'meter', charges[i].meter, 'amount', I(grants[i]),
     'takes', t, 'action', action, 'feature', feature, 'labels', labels, 'at', I(now)})
 end
