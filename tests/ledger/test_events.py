@@ -136,3 +136,26 @@ async def test_period_reset_is_a_ledger_entry(ledger: Ledger, redis: Any,
     raw = await redis.xrange(ledger.keys.ledger(ledger.keys.shard_of("p")))
     resets = [f for f in map(entry_fields, (f for _, f in raw)) if f["type"] == "period_reset"]
     assert len(resets) == 1 and resets[0]["amount"] == "1000"
+
+
+async def test_inactive_assistants_are_counted_and_an_uncounted_list_still_works(
+        ledger: Ledger, redis: Any) -> None:
+    """The balance hash counts the deactivated assistants (`iac`), so refills skip the
+    lookup when there are none; a list without a count (an earlier build, a restore)
+    is still found and its assistants still come back."""
+    await ledger.upsert_plan("k", [Allowance(M, 100)])
+    await ledger.upsert_org("c", "k")
+    await ledger.upsert_assistant("c", "bot")
+    bal = ledger.keys.bal("c", M)
+    bot = Subject("c", assistant_id="bot")
+    await use(ledger, bot, 100, "a")
+    assert await redis.hget(bal, "iac") == b"1"
+    await ledger.topup("c", M, 10, "p1")
+    assert await redis.hget(bal, "iac") == b"0" and (await ledger.check(bot)).active
+    await use(ledger, bot, 10, "b")  # dry again: deactivated
+    assert not (await ledger.check(bot)).active
+    await redis.hdel(bal, "iac")  # as an earlier build left it
+    await ledger.topup("c", M, 10, "p2")
+    assert (await ledger.check(bot)).active
+    assert types(await events(ledger, redis, "c")).count("assistant.reactivated") == 2
+    assert await redis.hget(bal, "iac") == b"0"

@@ -255,7 +255,8 @@ async def test_restore_merge_keeps_what_redis_still_knows() -> None:
     redis_h = {"w": _w(p=5, mu=50, tu=1, tb=100, mh=3), "d": "9", "evseq": "4",
                "S:x:w": _w(p=6, cu=1), "ev": "5||0"}
     sql_h = {"w": _w(p=5, mu=40, tu=7, tb=120, mh=7, mg=10), "d": "2", "evseq": "7",
-             "S:x:w": _w(p=5, cu=99), "T:t:w": _w(p=5, tb=4), "ev": "5|80|0"}
+             "S:x:w": _w(p=5, cu=99), "T:t:w": _w(p=5, tb=4), "ev": "5|80|0",
+             "iac": "0"}  # a count of another key's entries: never restored
     assert merge_balance(redis_h, sql_h) == {
         # same period: mu, tu, mg the larger; tb the smaller; mh (other) SQL's
         "w": _w(p=5, mu=50, tu=7, tb=100, mh=7, mg=10),

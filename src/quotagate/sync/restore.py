@@ -9,8 +9,9 @@ Every snapshot is merged into what Redis holds now, field by field:
   the whole wallet (monthly counters of an older period mean nothing in a newer one);
   otherwise the monotonic counters `mu`, `tu` and `cu` and the grant `mg` keep the larger
   of the two, `tb` (top-up left) the smaller, and every other counter takes SQL's value.
-  Of the org's other fields, `d` (debt) and `evseq` keep the larger, the rest take SQL's
-  value; fields only Redis has stay. A snapshot taken by an earlier build, which kept one
+  Of the org's other fields, `d` (debt) and `evseq` keep the larger, `iac` (a count of
+  another key's entries) is never restored, the rest take SQL's value; fields only Redis
+  has stay. A snapshot taken by an earlier build, which kept one
   field per counter, is packed first;
 - org configuration (`cfg`), purchases (`pur`), plans (`plan`) and holds (`hold`): the
   union — fields Redis lacks come from SQL, fields Redis has stay (they are newer);
@@ -40,6 +41,10 @@ WALLET = ("p", "mg", "mu", "mh", "tb", "th", "tu", "cu", "ch", "mx", "ou", "oh")
 LARGER = frozenset({"mu", "tu", "cu", "mg"})
 #: plain fields of a balance hash that only grow
 MONOTONIC = frozenset({"d", "evseq"})
+#: fields of a balance hash that count what another key holds (`iac`: the deactivated
+#: assistants in `<bal>|ia`, which snapshots do not copy): never restored, the scripts
+#: count again where the field is absent
+DERIVED = frozenset({"iac"})
 CHUNK = 500
 
 
@@ -112,6 +117,8 @@ def merge_balance(redis_h: Mapping[str, str], sql_h: Mapping[str, str]) -> dict[
     """Fields to write into a balance hash (see the module doc)."""
     out: dict[str, str] = {}
     for f, sv in packed(sql_h).items():
+        if f in DERIVED:
+            continue
         rv = redis_h.get(f)
         if rv is None:
             out[f] = sv

@@ -295,22 +295,22 @@ local function chain_load(ctx)
   local og = ctx.plan_grant - ctx.allocated
   if se ~= '' and te ~= '' then
     local sp, tp = 'S:' .. se .. ':', 'T:' .. te .. ':'
-    v = redis.call('HMGET', bal, sp .. 'w', tp .. 'w', 'w', 'd', 'ev', 'atu')
+    v = redis.call('HMGET', bal, sp .. 'w', tp .. 'w', 'w', 'd', 'ev', 'atu', 'iac')
     ws = {wallet_from(v[1], bal, sp, pid, 0, 'S'), wallet_from(v[2], bal, tp, pid,
       ctx.team_grant, 'T'), wallet_from(v[3], bal, '', pid, og, 'O')}
   elseif se ~= '' or te ~= '' then
     local lv = (se ~= '') and 'S' or 'T'
     local p = (se ~= '') and ('S:' .. se .. ':') or ('T:' .. te .. ':')
-    v = redis.call('HMGET', bal, p .. 'w', 'w', 'd', 'ev', 'atu')
+    v = redis.call('HMGET', bal, p .. 'w', 'w', 'd', 'ev', 'atu', 'iac')
     ws = {wallet_from(v[1], bal, p, pid, (lv == 'T') and ctx.team_grant or 0, lv),
       wallet_from(v[2], bal, '', pid, og, 'O')}
   else
-    v = redis.call('HMGET', bal, 'w', 'd', 'ev', 'atu')
+    v = redis.call('HMGET', bal, 'w', 'd', 'ev', 'atu', 'iac')
     ws = {wallet_from(v[1], bal, '', pid, og, 'O')}
   end
   local nw = #ws
   local ow = ws[nw]
-  ow.extra = {d = v[nw + 1], ev = v[nw + 2], atu = v[nw + 3]}
+  ow.extra = {d = v[nw + 1], ev = v[nw + 2], atu = v[nw + 3], iac = v[nw + 4]}
   ctx.d = settle_debt(ow, N(v[nw + 1]))
   ctx.org = ow
   -- Where the org allocates this meter to teams, a team's allocation is its budget: its
@@ -739,14 +739,60 @@ end
 -- period), wallet.exhausted when nothing is left even once holds resolve, and
 -- wallet.replenished when an exhausted wallet can pay again. State in the bal field 'ev':
 -- "<period>|<thresholds reached, comma separated>|<exhausted 0/1>".
+-- Parsed 'ev' states and threshold lists, kept between calls (they take few distinct
+-- values: one per period and thresholds reached), so the common call — nothing crossed —
+-- decides without a pattern match or a table. Emptied when they grow past CACHE_MAX.
+local CACHE_MAX = 1024
+local EVS, NEVS, THS = {}, 0, {}
+
+local function ev_state(ev)
+  local st = EVS[ev]
+  if st == nil then
+    local epid, lows, x = string.match(ev, '^(%-?%d+)|([%d,]*)|(%d)$')
+    st = false
+    if epid then
+      local seen = {}
+      for t in string.gmatch(lows, '%d+') do seen[t] = true end
+      st = {pid = tonumber(epid), seen = seen, x = x}
+    end
+    if NEVS >= CACHE_MAX then EVS, NEVS = {}, 0 end
+    EVS[ev] = st; NEVS = NEVS + 1
+  end
+  return st
+end
+
+local function thresholds(spec)
+  local list = THS[spec]
+  if not list then
+    list = {}
+    for t in string.gmatch(spec, '%d+') do list[#list + 1] = {t, tonumber(t)} end
+    THS[spec] = list
+  end
+  return list
+end
+
 local function wallet_events(ctx, now)
   local ow = ctx.org
   if not ow then return end
-  local o = org_of(ctx)
   local total = ow.mg + ow.tb + ow.tu
   local used = ow.mu + ow.tu + ctx.d
   local left = (ow.mg - ow.mu) + ow.tb - ctx.d
   local ev = ow.extra.ev or ''
+  -- Nothing to tell (same period, no new threshold, no change of exhaustion): done.
+  local st = ev_state(ev)
+  if st and st.pid == ctx.pid then
+    local quiet = not ((left <= 0 and st.x == '0' and (total > 0 or used > 0))
+      or (left > 0 and st.x == '1'))
+    if quiet and total > 0 then
+      local th = thresholds(ctx.lowpct or '80')
+      for j = 1, #th do
+        local t = th[j]
+        if not st.seen[t[1]] and used * 100 >= t[2] * total then quiet = false; break end
+      end
+    end
+    if quiet then return end
+  end
+  local o = org_of(ctx)
   local epid, lows, x = string.match(ev, '^(%-?%d+)|([%d,]*)|(%d)$')
   if epid == nil or tonumber(epid) ~= ctx.pid then
     if epid ~= nil and tonumber(epid) ~= ctx.pid and ctx.kind ~= 'g' then
@@ -790,12 +836,26 @@ local function wallet_events(ctx, now)
 end
 
 -- Assistants whose wallet ran dry are listed in '<bal>|ia' (assistant -> deactivation
--- sequence), so a refill can reactivate exactly those.
+-- sequence), so a refill can reactivate exactly those. The balance hash's field 'iac'
+-- counts them (read with the wallets): at '0' nothing is looked up. Where it is absent
+-- (an org of an earlier build, a restore) the list itself is looked at, and the count
+-- written.
+local function no_inactive(ctx)
+  return ctx.org ~= nil and ctx.org.extra and ctx.org.extra.iac == '0'
+end
+
+local function inactive_count(ctx, ia)
+  local c = I(redis.call('HLEN', ia))
+  redis.call('HSET', ctx.bal, 'iac', c)
+  if ctx.org and ctx.org.extra then ctx.org.extra.iac = c end
+end
+
 local function assistant_deactivate(ctx, ae, reason, now)
   local ia = ctx.bal .. '|ia'
   if redis.call('HEXISTS', ia, ae) == 1 then return end
   local seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
   redis.call('HSET', ia, ae, I(seq))
+  inactive_count(ctx, ia)
   local o = org_of(ctx)
   emit(ctx.bal, 'assistant.deactivated', 'assistant.deactivated:' .. o .. ':' .. ae .. ':'
     .. ctx.meter .. ':' .. I(seq), o, {assistant_id = unesc(ae), meter = unesc(ctx.meter),
@@ -803,10 +863,12 @@ local function assistant_deactivate(ctx, ae, reason, now)
 end
 
 local function assistant_reactivate(ctx, ae, now)
+  if no_inactive(ctx) then return end
   local ia = ctx.bal .. '|ia'
   local seq = redis.call('HGET', ia, ae)
   if not seq then return end
   redis.call('HDEL', ia, ae)
+  inactive_count(ctx, ia)
   local o = org_of(ctx)
   emit(ctx.bal, 'assistant.reactivated', 'assistant.reactivated:' .. o .. ':' .. ae .. ':'
     .. ctx.meter .. ':' .. seq, o, {assistant_id = unesc(ae), meter = unesc(ctx.meter)}, now)
@@ -815,8 +877,12 @@ end
 -- After a refill (top-up, refund, release, transfer, new period): every deactivated
 -- assistant of this org and meter whose wallet can pay again comes back.
 local function reactivate_all(ctx, now)
+  if no_inactive(ctx) then return end
   local ia = ctx.bal .. '|ia'
-  if redis.call('EXISTS', ia) == 0 then return end
+  if redis.call('EXISTS', ia) == 0 then
+    if ctx.org and ctx.org.extra then inactive_count(ctx, ia) end
+    return
+  end
   local flat = redis.call('HGETALL', ia)
   for i = 1, #flat, 2 do
     local ae = flat[i]
