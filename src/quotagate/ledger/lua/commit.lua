@@ -99,10 +99,8 @@ for i = 1, h.n do
   h.c[i] = I(a)
   fields[#fields + 1] = hf('c', i); fields[#fields + 1] = I(a)
   fields[#fields + 1] = hf('x', i); fields[#fields + 1] = x
-  ledger_add_packed(ledger, maxlen, {'type', 'commit', 'rid', h.rid, 'org', h.o, 'team', h.te,
-    'seat', h.se, 'assistant', h.ae, 'meter', h.m[i], 'amount', I(a), 'takes', x,
-    'late', late and '1' or '', 'action', h.act, 'feature', h.feat,
-    'labels', (labels ~= '' and labels) or h.lbl, 'at', I(now)})
+  spend_entry(ledger, maxlen, 'commit', h, h.m[i], a, x, late and '1' or '',
+    (labels ~= '' and labels) or h.lbl, now)
 end
 redis.call('HSET', key, unpack(fields))
 -- A committed gauge charge (stored bytes) is given back by a Refund when the file is

@@ -79,10 +79,8 @@ for i = 1, h.n do
     fields[#fields + 1] = hf('t', i); fields[#fields + 1] = merged
     fields[#fields + 1] = hf('g', i); fields[#fields + 1] = I(N(h.g[i]) + a)
     granted[#granted + 1] = h.m[i]; granted[#granted + 1] = a
-    ledger_add_packed(h.pre .. 'ledger', maxlen, {'type', 'extend', 'rid', h.rid, 'org', h.o,
-      'team', h.te, 'seat', h.se, 'assistant', h.ae, 'meter', h.m[i], 'amount', I(a),
-      'takes', takes_encode(takes), 'action', h.act, 'feature', h.feat,
-      'labels', h.lbl, 'at', I(now)})
+    spend_entry(h.pre .. 'ledger', maxlen, 'extend', h, h.m[i], a, takes_encode(takes), '',
+      h.lbl, now)
   end
 end
 redis.call('HSET', key, unpack(fields))

@@ -248,11 +248,14 @@ end
 -- allocations to teams (template), this team's allocation, overage cap and price, auto
 -- top-up, the seat cap. `seats` and `lowpct` are the org's own fields.
 local function meter_cfg(ctx, v, k, seats, lowpct)
-  ctx.plan_grant = N(v[k]) + N(v[k + 1]) * seats
-  ctx.allocated = N(v[k + 2])
+  local am, ap, alt, oc, op, obe = v[k], v[k + 1], v[k + 2], v[k + 4], v[k + 5], v[k + 6]
+  ctx.plan_grant = (am and tonumber(am) or 0) + (ap and tonumber(ap) or 0) * seats
+  ctx.allocated = alt and tonumber(alt) or 0
   ctx.template = (v[k + 3] ~= false)
-  ctx.ohas = (v[k + 4] ~= false)
-  ctx.ocap, ctx.oprice, ctx.obill_every = N(v[k + 4]), N(v[k + 5]), N(v[k + 6])
+  ctx.ohas = (oc ~= false)
+  ctx.ocap = oc and tonumber(oc) or 0
+  ctx.oprice = op and tonumber(op) or 0
+  ctx.obill_every = obe and tonumber(obe) or 0
   ctx.atu = v[k + 7]
   ctx.lowpct = lowpct or '80'
   k = k + 8
@@ -311,7 +314,9 @@ local function chain_load(ctx)
   local nw = #ws
   local ow = ws[nw]
   ow.extra = {d = v[nw + 1], ev = v[nw + 2], atu = v[nw + 3], iac = v[nw + 4]}
-  ctx.d = settle_debt(ow, N(v[nw + 1]))
+  -- the debt as stored (chain_save writes it when it moved)
+  ow.d0 = N(v[nw + 1])
+  ctx.d = settle_debt(ow, ow.d0)
   ctx.org = ow
   -- Where the org allocates this meter to teams, a team's allocation is its budget: its
   -- members do not fall through to the org's monthly or top-up pool (overage they may use).
@@ -325,54 +330,82 @@ local function avail_o(ctx)
   return a
 end
 
+-- (The helpers the spend path runs on every call are written out flat: in Lua 5.1 each
+-- call of a small function, math.min included, costs more than the arithmetic it does.)
 local function chain_available(ctx, ws, without_overage)
-  local total = 0
+  local total, no_org = 0, ctx.no_org_pool
   for i = 1, #ws do
     local w = ws[i]
-    if not (w.level == 'O' and ctx.no_org_pool) then
-      total = total + avail_m(w) + avail_t(w)
+    if not (no_org and w.level == 'O') then
+      local a = w.mg - w.mu - w.mh
+      if a > 0 then total = total + a end
+      a = w.tb - w.th
+      if a > 0 then total = total + a end
     end
   end
   if without_overage then return total end
-  return total + avail_o(ctx)
+  local o = ctx.org
+  local a = ctx.ocap - o.ou - o.oh
+  if a > 0 then total = total + a end
+  return total
 end
 
 -- Write every changed wallet of the chain, and the org's debt when it moved: one HSET.
 local function chain_save(ctx, ws)
-  local f = {}
+  local f, n = {}, 0
   for i = 1, #ws do
     local w = ws[i]
-    wallet_changes(w, f)
-    if w.level == 'O' and N(w.extra.d) ~= ctx.d then
-      f[#f + 1] = 'd'; f[#f + 1] = I(ctx.d); w.extra.d = ctx.d
+    if w.dirty then
+      w.dirty = false
+      local v = wallet_pack(w)
+      if v ~= w.o then
+        w.o = v
+        f[n + 1] = w.pfx .. 'w'; f[n + 2] = v; n = n + 2
+      end
     end
   end
-  if #f > 0 then redis.call('HSET', ws[1].bal, unpack(f)) end
+  local o = ctx.org
+  if o.d0 ~= ctx.d then
+    f[n + 1] = 'd'; f[n + 2] = I(ctx.d); n = n + 2
+    o.d0 = ctx.d; o.extra.d = ctx.d
+  end
+  if n > 0 then redis.call('HSET', ws[1].bal, unpack(f)) end
 end
 
 -- Take up to `amount` from the chain in burn order, holding it (mh/th). Returns the list
 -- of takes {code, pid, amount} and the amount taken.
+-- Take codes: a level (S seat, T team, O org) and a bucket (m monthly, t top-up,
+-- o overage); 'D' is debt.
+local CODE_M = {S = 'Sm', T = 'Tm', O = 'Om'}
+local CODE_T = {S = 'St', T = 'Tt', O = 'Ot'}
+local CODE_LEVEL = {Sm = 'S', St = 'S', Tm = 'T', Tt = 'T', Om = 'O', Ot = 'O', Oo = 'O'}
+local CODE_KIND = {Sm = 'm', St = 't', Tm = 'm', Tt = 't', Om = 'm', Ot = 't', Oo = 'o'}
+
 local function chain_hold(ctx, ws, amount)
-  local takes, left = {}, amount
+  local takes, nt, left, no_org = {}, 0, amount, ctx.no_org_pool
   for i = 1, #ws do
     local w = ws[i]
-    if left > 0 and not (w.level == 'O' and ctx.no_org_pool) then
-      local x = math.min(left, avail_m(w))
+    if left > 0 and not (no_org and w.level == 'O') then
+      local x = w.mg - w.mu - w.mh
+      if x > left then x = left end
       if x > 0 then
         w.mh = w.mh + x; w.dirty = true; left = left - x
-        takes[#takes + 1] = {w.level .. 'm', w.p, x}
+        nt = nt + 1; takes[nt] = {CODE_M[w.level], w.p, x}
       end
-      local y = math.min(left, avail_t(w))
+      local y = w.tb - w.th
+      if y > left then y = left end
       if y > 0 then
         w.th = w.th + y; w.dirty = true; left = left - y
-        takes[#takes + 1] = {w.level .. 't', w.p, y}
+        nt = nt + 1; takes[nt] = {CODE_T[w.level], w.p, y}
       end
     end
   end
-  local z = math.min(left, avail_o(ctx))
+  local o = ctx.org
+  local z = ctx.ocap - o.ou - o.oh
+  if z > left then z = left end
   if z > 0 then
-    ctx.org.oh = ctx.org.oh + z; ctx.org.dirty = true; left = left - z
-    takes[#takes + 1] = {'Oo', ctx.org.p, z}
+    o.oh = o.oh + z; o.dirty = true; left = left - z
+    takes[nt + 1] = {'Oo', o.p, z}
   end
   return takes, amount - left
 end
@@ -381,7 +414,8 @@ end
 local function takes_encode(takes)
   local parts = {}
   for i = 1, #takes do
-    parts[#parts + 1] = takes[i][1] .. ':' .. I(takes[i][2]) .. ':' .. I(takes[i][3])
+    local t = takes[i]
+    parts[i] = string.format('%s:%d:%d', t[1], t[2], t[3])
   end
   return table.concat(parts, ',')
 end
@@ -423,7 +457,7 @@ local function takes_in_burn_order(takes)
 end
 
 local function wallet_of(ws, code)
-  local level = string.sub(code, 1, 1)
+  local level = CODE_LEVEL[code]
   for i = 1, #ws do
     if ws[i].level == level then return ws[i] end
   end
@@ -435,7 +469,7 @@ end
 local function release_take(ws, take, x)
   local w = wallet_of(ws, take[1])
   if not w or x <= 0 then return end
-  local kind = string.sub(take[1], 2, 2)
+  local kind = CODE_KIND[take[1]]
   if kind == 'm' then
     if w.p == take[2] then w.mh = math.max(0, w.mh - x); w.dirty = true end
   elseif kind == 'o' then
@@ -455,7 +489,7 @@ end
 local function charge_take(ctx, ws, take, x)
   local w = wallet_of(ws, take[1])
   if not w or x <= 0 then return end
-  local kind = string.sub(take[1], 2, 2)
+  local kind = CODE_KIND[take[1]]
   if kind == 'm' then
     if w.p == take[2] then w.mh = math.max(0, w.mh - x); w.mu = w.mu + x; w.dirty = true end
   elseif kind == 'o' then
@@ -522,7 +556,7 @@ local function credit_take(ctx, ws, take, x)
   end
   local w = wallet_of(ws, take[1])
   if not w then return end
-  local kind = string.sub(take[1], 2, 2)
+  local kind = CODE_KIND[take[1]]
   if kind == 'm' then
     if w.p == take[2] then w.mu = math.max(0, w.mu - x); w.dirty = true end
   elseif kind == 'o' then
@@ -540,17 +574,24 @@ end
 -- The MeterBalance figures of a subject for one meter (see DESIGN §4). `room` is what
 -- the seat cap still allows (-1: no cap).
 local function chain_view(ctx, ws, meter, room, pstart, pend)
-  local mg, mu, tb, th, tu, mh = 0, 0, 0, 0, 0, 0
+  local mg, mu, tb, th, tu, mh, remaining = 0, 0, 0, 0, 0, 0, 0
+  local no_org = ctx.no_org_pool
   for i = 1, #ws do
     local w = ws[i]
-    if not (w.level == 'O' and ctx.no_org_pool) then
-      mg = mg + w.mg; mu = mu + w.mu; mh = mh + w.mh
-      tb = tb + w.tb; th = th + w.th; tu = tu + w.tu
+    if not (no_org and w.level == 'O') then
+      local wmg, wmu, wmh, wtb, wth = w.mg, w.mu, w.mh, w.tb, w.th
+      mg = mg + wmg; mu = mu + wmu; mh = mh + wmh
+      tb = tb + wtb; th = th + wth; tu = tu + w.tu
+      local a = wmg - wmu - wmh
+      if a > 0 then remaining = remaining + a end
+      a = wtb - wth
+      if a > 0 then remaining = remaining + a end
     end
   end
-  local remaining = chain_available(ctx, ws)
-  if room >= 0 and room < remaining then remaining = room end
   local ou, oh = ctx.org.ou, ctx.org.oh
+  local a = ctx.ocap - ou - oh
+  if a > 0 then remaining = remaining + a end
+  if room >= 0 and room < remaining then remaining = room end
   -- Numbers, not strings: Redis answers them as integers (exact below 2^53), and no
   -- string is formatted for them here.
   return {meter, mu + tu + ou + ctx.d, mg + tb + tu, remaining, mh + th + oh, mg, mu, tb, ou,
@@ -593,17 +634,23 @@ local function ledger_add(stream, maxlen, fields)
 end
 
 -- The spend path's entries (reserve, commit, release, expire, extend) are one field, 'e':
--- their field names and values, alternating, joined by newlines ("type\nreserve\nrid\n…").
+-- their field names and values, alternating, joined by newlines ("type\nreserve\nrid\n…"),
+-- built by one table.concat.
 -- Their values are escaped ids, digits, takes and labels JSON (written by the server with
 -- every control character escaped), none of which can hold a newline. One field instead
 -- of up to fourteen is that much less work for XADD, the stream's listpack, the AOF and
 -- replicas; the syncer (sink.entry_fields) reads both forms. Empty values are kept (the
 -- syncer drops them): filtering them here would cost more than their bytes.
-local function ledger_add_packed(stream, maxlen, fields)
+-- h: the hold, or a table with the same fields (rid, o, te, se, ae, act, feat). Numbers
+-- as I() strings (table.concat would write large ones with an exponent).
+local function spend_entry(stream, maxlen, kind, h, meter, amount, takes, late, labels, now)
+  local e = table.concat({'type', kind, 'rid', h.rid, 'org', h.o, 'team', h.te, 'seat', h.se,
+    'assistant', h.ae, 'meter', meter, 'amount', I(amount), 'takes', takes, 'late', late,
+    'action', h.act, 'feature', h.feat, 'labels', labels, 'at', I(now)}, '\n')
   if maxlen > 0 then
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'e', table.concat(fields, '\n'))
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'e', e)
   else
-    redis.call('XADD', stream, '*', 'e', table.concat(fields, '\n'))
+    redis.call('XADD', stream, '*', 'e', e)
   end
 end
 
@@ -688,10 +735,7 @@ local function hold_release_all(h, key, now, state, ledger, maxlen, retain_ms, k
     seat_settle(ws, h, i, 0)
     chain_save(ctx, ws)
     after_change(ctx, now, true)
-    ledger_add_packed(ledger, maxlen, {'type', kind, 'rid', h.rid, 'org', h.o, 'team', h.te,
-      'seat', h.se, 'assistant', h.ae, 'meter', h.m[i], 'amount', h.g[i],
-      'takes', h.t[i], 'action', h.act, 'feature', h.feat,
-      'labels', h.lbl, 'at', I(now)})
+    spend_entry(ledger, maxlen, kind, h, h.m[i], h.g[i], h.t[i], '', h.lbl, now)
   end
   redis.call('HSET', key, 'st', state, 'done', I(now))
   redis.call('PEXPIRE', key, retain_ms)

@@ -231,7 +231,10 @@ local expires = now + ttl
 local org_e = string.sub(cfg, #pre + 5)
 -- Only what cannot be derived (hold_read rebuilds rid, pre, cfg and the balance keys),
 -- and no empty ids: a smaller hash to write, to read back and to append to the AOF.
+-- (Numbers as I() strings: Redis would format a number argument with %.17g, slower.)
 local fields = {'st', 'H', 'o', org_e, 'n', I(n), 'exp', I(expires), 'at', I(now)}
+-- the request's ids, as spend_entry reads them from a hold
+local who = {rid = rid, o = org_e, te = te, se = se, ae = ae, act = action, feat = feature}
 local optional = {'te', te, 'se', se, 'ae', ae, 'act', action, 'feat', feature,
   'lbl', labels}
 for j = 1, #optional, 2 do
@@ -253,9 +256,7 @@ for i = 1, n do
   fields[nf + 7] = hf('t', i); fields[nf + 8] = t
   fields[nf + 9] = hf('hp', i); fields[nf + 10] = I(ctxs[i].pid)
   granted[#granted + 1] = charges[i].meter; granted[#granted + 1] = grants[i]
-  ledger_add_packed(ledger, maxlen, {'type', 'reserve', 'rid', rid, 'org', org_e, 'team', te,
-    'seat', se, 'assistant', ae, 'meter', charges[i].meter, 'amount', I(grants[i]),
-    'takes', t, 'action', action, 'feature', feature, 'labels', labels, 'at', I(now)})
+  spend_entry(ledger, maxlen, 'reserve', who, charges[i].meter, grants[i], t, '', labels, now)
 end
 redis.call('HSET', hold_key, unpack(fields))
 redis.call('ZADD', exp_key, I(expires), rid)
