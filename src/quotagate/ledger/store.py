@@ -77,6 +77,18 @@ def _charges(flat: Sequence[Any]) -> tuple[Charge, ...]:
     return tuple(Charge(unescape(_s(flat[i])), _i(flat[i + 1])) for i in range(0, len(flat), 2))
 
 
+def _flat_charges(reply: Sequence[Any], i: int) -> tuple[tuple[Charge, ...], int]:
+    """A flat reply's list of charges at `i` (count, then meter, amount pairs), and the
+    index after it."""
+    end = i + 1 + 2 * int(reply[i])
+    return _charges(reply[i + 1:end]), end
+
+
+def _flat_balances(reply: Sequence[Any], i: int) -> tuple[MeterBalance, ...]:
+    """A flat reply's list of balances at `i` (count, then 13 figures each)."""
+    return tuple(_balance(reply[j:j + 13]) for j in range(i + 1, i + 1 + 13 * int(reply[i]), 13))
+
+
 def _raise_if_error(reply: Sequence[Any]) -> None:
     if _s(reply[0]) == "ERR":
         cls = BY_CODE.get(_s(reply[1]), QuotagateError)
@@ -165,11 +177,12 @@ class Ledger:
                                         lbl if labels else "", ttl, allow_partial,
                                         idempotency_key, fingerprint)
         _raise_if_error(reply)
+        granted, at = _flat_charges(reply, 7)
         return ReserveResult(
             decision=Decision(_s(reply[1])), reason=DenyReason(_s(reply[2])),
             silent=bool(_i(reply[3])), reservation_id=_s(reply[4]),
-            granted=_charges(reply[6]), expires_at_ms=_i(reply[5]),
-            balances=tuple(_balance(b) for b in reply[7]), replayed=bool(_i(reply[8])))
+            granted=granted, expires_at_ms=_i(reply[5]),
+            balances=_flat_balances(reply, at), replayed=bool(_i(reply[6])))
 
     async def check(self, subject: Subject, meter: str = "", feature: str = "") -> CheckResult:
         validate.subject(subject)
@@ -180,7 +193,7 @@ class Ledger:
                                         1000, False, "", "")
         return CheckResult(active=_s(reply[1]) == "G", reason=DenyReason(_s(reply[2])),
                            silent=bool(_i(reply[3])),
-                           balances=tuple(_balance(b) for b in reply[7]))
+                           balances=_flat_balances(reply, 8))
 
     async def _run_reserve(self, mode: str, s: Subject, items: Sequence[Charge], feature: str,
                            action: str, labels: str, ttl_ms: int, allow_partial: bool,
@@ -229,8 +242,8 @@ class Ledger:
             self.clock.now_ms(), self.opt.retain_ms, self.opt.ledger_maxlen, lbl,
             *self._amounts(items or None)]))
         _raise_if_error(reply)
-        return HoldResult(HoldState(_i(reply[1])), _charges(reply[2]),
-                          tuple(_balance(b) for b in reply[3]))
+        amounts, at = _flat_charges(reply, 2)
+        return HoldResult(HoldState(_i(reply[1])), amounts, _flat_balances(reply, at))
 
     async def refund(self, reservation_id: str, amount: Iterable[Charge] = (),
                      reason: str = "") -> HoldResult:
@@ -244,8 +257,8 @@ class Ledger:
             self.clock.now_ms(), self.opt.retain_ms, self.opt.ledger_maxlen, reason,
             *self._amounts(items or None)]))
         _raise_if_error(reply)
-        return HoldResult(HoldState(_i(reply[1])), _charges(reply[2]),
-                          tuple(_balance(b) for b in reply[3]))
+        amounts, at = _flat_charges(reply, 2)
+        return HoldResult(HoldState(_i(reply[1])), amounts, _flat_balances(reply, at))
 
     async def extend(self, reservation_id: str, additional: Iterable[Charge] = (),
                      ttl_seconds: int = 0) -> ExtendResult:
@@ -276,7 +289,7 @@ class Ledger:
             argv += [self._emeter[m], self._kind[m]]
         reply = await self._call(self._spend("balance", keys, argv))
         _raise_if_error(reply)
-        return tuple(_balance(b) for b in reply[1])
+        return _flat_balances(reply, 1)
 
     async def sweep_due(self, interval_ms: int, owner: str) -> int | None:
         """The background sweeper's tick, shared by a whole fleet: the first process to

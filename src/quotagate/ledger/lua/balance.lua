@@ -3,7 +3,7 @@
 -- KEYS[1]  the org's configuration hash   KEYS[1+i] balance hash of meter i
 -- ARGV[1]  now (ms)   ARGV[2] team   ARGV[3] seat   ARGV[4] assistant (escaped, '' none)
 -- ARGV[5]  n meters, then for each: meter (escaped), kind ('c' | 'g')
--- Returns {'OK', {{MeterBalance…}, …}} or {'ERR', code, field, msg}.
+-- Returns {'OK', n, 13 MeterBalance figures × n} (flat) or {'ERR', code, field, msg}.
 -- Touching a wallet in a new period resets its monthly figures (the lazy reset).
 
 local cfg = KEYS[1]
@@ -26,7 +26,7 @@ end
 if te ~= '' and redis.call('HEXISTS', cfg, 't:' .. te) == 0 then
   return {'ERR', 'NOT_FOUND', 'subject.team_id', 'no such team'}
 end
-local out = {}
+local out = {'OK', n}
 for i = 1, n do
   local meter, kind = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
   local ctx = {cfg = cfg, bal = KEYS[1 + i], te = te, se = se, meter = meter, kind = kind}
@@ -38,7 +38,6 @@ for i = 1, n do
   local ws = chain_load(ctx)
   chain_save(ctx, ws)
   after_change(ctx, now, false)
-  out[i] = chain_view(ctx, ws, meter, seat_room(ws, se, seat_limit(cfg, se, meter, ctx)),
-    ctx.pstart, ctx.pend)
+  chain_view(ctx, ws, meter, seat_room(ws, se, ctx.limit), ctx.pstart, ctx.pend, out)
 end
-return {'OK', out}
+return out

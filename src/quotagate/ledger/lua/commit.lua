@@ -4,7 +4,8 @@
 -- ARGV[1]  now (ms)   ARGV[2] retention of resolved holds (ms)   ARGV[3] ledger MAXLEN
 -- ARGV[4]  labels (JSON, '' none)   ARGV[5] n actual charges, -1: charge what was held
 -- ARGV[6…] meter (escaped), amount pairs
--- Returns {'OK', state, {meter, charged, …}, {{MeterBalance…}, …}} or {'ERR', code, field, msg}.
+-- Returns {'OK', state, n, meter, charged × n, m, 13 MeterBalance figures × m} (flat, as
+-- reserve.lua's) or {'ERR', code, field, msg}.
 -- Less than held: the rest goes back to the buckets it came from. More than held: the
 -- excess is charged from what is available, the remainder becomes debt (usage is never
 -- dropped). A hold past its TTL is expired first; a late Commit still records the usage.
@@ -38,17 +39,16 @@ local function want(i)
 end
 
 local function answer(state)
-  local out, bals = {}, {}
+  local out, bals = {}, {h.n}
   for i = 1, h.n do
     local ctx = hold_ctx(h, i, now)
     local ws = chain_load(ctx)
     chain_save(ctx, ws)
     out[#out + 1] = h.m[i]
     out[#out + 1] = N(h.c[i])
-    local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h.m[i], ctx))
-    bals[i] = chain_view(ctx, ws, h.m[i], room, ctx.pstart, ctx.pend)
+    chain_view(ctx, ws, h.m[i], seat_room(ws, h.se, ctx.limit), ctx.pstart, ctx.pend, bals)
   end
-  return {'OK', HOLD_STATE[state], out, bals}
+  return put_all(put_pairs({'OK', HOLD_STATE[state]}, out), bals)
 end
 
 if h.st == 'H' and now >= tonumber(h.exp) then
@@ -59,7 +59,7 @@ if h.st == 'C' or h.st == 'R' then return answer(h.st) end
 
 local late = (h.st == 'E')
 local fields = {'st', 'C', 'done', I(now)}
-local out, bals = {}, {}
+local out, bals = {}, {h.n}
 for i = 1, h.n do
   local ctx = hold_ctx(h, i, now)
   local ws = chain_load(ctx)
@@ -93,8 +93,7 @@ for i = 1, h.n do
   end
   -- The answer's balances come from the wallets just saved: no second read.
   out[#out + 1] = h.m[i]; out[#out + 1] = a
-  local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h.m[i], ctx))
-  bals[i] = chain_view(ctx, ws, h.m[i], room, ctx.pstart, ctx.pend)
+  chain_view(ctx, ws, h.m[i], seat_room(ws, h.se, ctx.limit), ctx.pstart, ctx.pend, bals)
   local x = takes_encode(charged)
   h.c[i] = I(a)
   fields[#fields + 1] = hf('c', i); fields[#fields + 1] = I(a)
@@ -109,4 +108,4 @@ local gauge = false
 for i = 1, h.n do if h.k[i] == 'g' then gauge = true end end
 if gauge then redis.call('PERSIST', key) else redis.call('PEXPIRE', key, retain) end
 redis.call('ZREM', h.pre .. 'exp', h.rid)
-return {'OK', HOLD_STATE['C'], out, bals}
+return put_all(put_pairs({'OK', HOLD_STATE['C']}, out), bals)

@@ -572,8 +572,8 @@ local function credit_take(ctx, ws, take, x)
 end
 
 -- The MeterBalance figures of a subject for one meter (see DESIGN §4). `room` is what
--- the seat cap still allows (-1: no cap).
-local function chain_view(ctx, ws, meter, room, pstart, pend)
+-- the seat cap still allows (-1: no cap). As a new table, or appended to `into`.
+local function chain_view(ctx, ws, meter, room, pstart, pend, into)
   local mg, mu, tb, th, tu, mh, remaining = 0, 0, 0, 0, 0, 0, 0
   local no_org = ctx.no_org_pool
   for i = 1, #ws do
@@ -594,8 +594,32 @@ local function chain_view(ctx, ws, meter, room, pstart, pend)
   if room >= 0 and room < remaining then remaining = room end
   -- Numbers, not strings: Redis answers them as integers (exact below 2^53), and no
   -- string is formatted for them here.
-  return {meter, mu + tu + ou + ctx.d, mg + tb + tu, remaining, mh + th + oh, mg, mu, tb, ou,
-    ctx.ocap, ctx.d, pstart, pend}
+  if not into then
+    return {meter, mu + tu + ou + ctx.d, mg + tb + tu, remaining, mh + th + oh, mg, mu, tb,
+      ou, ctx.ocap, ctx.d, pstart, pend}
+  end
+  local n, d = #into, ctx.d
+  into[n + 1] = meter; into[n + 2] = mu + tu + ou + d; into[n + 3] = mg + tb + tu
+  into[n + 4] = remaining; into[n + 5] = mh + th + oh; into[n + 6] = mg; into[n + 7] = mu
+  into[n + 8] = tb; into[n + 9] = ou; into[n + 10] = ctx.ocap; into[n + 11] = d
+  into[n + 12] = pstart; into[n + 13] = pend
+  return into
+end
+
+-- The spend path's replies are flat arrays (Redis converts each nested table of a reply
+-- with a dozen lookups): a list of charges is its count then meter, amount pairs
+-- (put_pairs); a list of balances its count then chain_view's 13 figures each.
+local function put_pairs(out, list)
+  local n, np = #out, #list
+  out[n + 1] = np / 2
+  for i = 1, np do out[n + 1 + i] = list[i] end
+  return out
+end
+
+local function put_all(out, list)
+  local n = #out
+  for i = 1, #list do out[n + i] = list[i] end
+  return out
 end
 
 -- Seat cap: limit for the seat and meter, or -1 when unlimited (the default).

@@ -3,7 +3,8 @@
 -- KEYS[1]  the hold's hash
 -- ARGV[1]  now (ms)   ARGV[2] retention of resolved holds (ms)   ARGV[3] ledger MAXLEN
 -- ARGV[4]  reason   ARGV[5] n amounts, -1: everything   ARGV[6…] meter (escaped), amount pairs
--- Returns {'OK', state, {meter, refunded, …}, {{MeterBalance…}, …}} or {'ERR', code, field, msg}.
+-- Returns {'OK', state, n, meter, refunded × n, m, 13 MeterBalance figures × m} (flat, as
+-- reserve.lua's) or {'ERR', code, field, msg}.
 -- HELD: every take goes back to its bucket (amounts are ignored: a hold is all or nothing).
 -- COMMITTED: credits back at most what was charged, in reverse burn order (debt first),
 -- then the hold is REFUNDED. EXPIRED: nothing to give back. Repeats answer the first result.
@@ -31,17 +32,16 @@ if na >= 0 then
 end
 
 local function answer(state)
-  local out, bals = {}, {}
+  local out, bals = {}, {h.n}
   for i = 1, h.n do
     local ctx = hold_ctx(h, i, now)
     local ws = chain_load(ctx)
     chain_save(ctx, ws)
     out[#out + 1] = h.m[i]
     out[#out + 1] = N(h.r[i])
-    local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h.m[i], ctx))
-    bals[i] = chain_view(ctx, ws, h.m[i], room, ctx.pstart, ctx.pend)
+    chain_view(ctx, ws, h.m[i], seat_room(ws, h.se, ctx.limit), ctx.pstart, ctx.pend, bals)
   end
-  return {'OK', HOLD_STATE[state], out, bals}
+  return put_all(put_pairs({'OK', HOLD_STATE[state]}, out), bals)
 end
 
 if h.st == 'H' and now >= tonumber(h.exp) then

@@ -12,9 +12,9 @@
 -- ARGV[10] team   ARGV[11] seat   ARGV[12] assistant   (escaped ids, '' when absent)
 -- ARGV[13] feature ('' none)   ARGV[14] action   ARGV[15] labels (JSON)
 -- ARGV[16] n charges, then for each: meter (escaped), kind ('c' | 'g'), amount
--- Returns {'OK', decision ('G' | 'D'), reason, silent (0|1), rid, expires_at,
---          {meter, amount, …} granted, {{MeterBalance fields…}, …}, replay (0|1)}
---      or {'ERR', code, field, message}.
+-- Returns {'OK', decision ('G' | 'D'), reason, silent (0|1), rid, expires_at, replay (0|1),
+--          n granted, then meter, amount × n, m balances, then 13 MeterBalance figures × m}
+--      (flat: lib.lua's put_pairs, chain_view) or {'ERR', code, field, message}.
 -- Reasons: insufficient | seat | feature | ai | inactive | unknown | '' (granted).
 
 local cfg, idem, hold_key, exp_key, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -55,24 +55,22 @@ local function load_all(ctxs)
   return wss
 end
 
-local function views(ctxs, wss)
-  local out = {}
+-- The balances of every charge, appended to the reply `out` (count, then figures).
+local function views(ctxs, wss, out)
+  out[#out + 1] = n
   for i = 1, n do
     local ctx, ws = ctxs[i], wss[i]
-    local room = seat_room(ws, se, ctx.limit)
-    out[i] = chain_view(ctx, ws, ctx.meter, room, ctx.pstart, ctx.pend)
+    chain_view(ctx, ws, ctx.meter, seat_room(ws, se, ctx.limit), ctx.pstart, ctx.pend, out)
   end
   return out
 end
 
 -- A denial still reports the balances (the subject's wallets), when the subject exists.
 local function deny(reason, silent, ctxs, wss)
-  local bals = {}
-  if ctxs then
-    for i = 1, n do chain_save(ctxs[i], wss[i]); after_change(ctxs[i], now, false) end
-    bals = views(ctxs, wss)
-  end
-  return {'OK', 'D', reason, silent and 1 or 0, '', 0, {}, bals, 0}
+  local out = {'OK', 'D', reason, silent and 1 or 0, '', 0, 0, 0}
+  if not ctxs then out[9] = 0; return out end
+  for i = 1, n do chain_save(ctxs[i], wss[i]); after_change(ctxs[i], now, false) end
+  return views(ctxs, wss, out)
 end
 
 -- 0. A retry of a request already granted answers what it answered the first time
@@ -96,8 +94,9 @@ local function replayed(ctxs)
   for i = 1, h.n do
     granted[#granted + 1] = h.m[i]; granted[#granted + 1] = h.g[i]
   end
-  local bals = ctxs and views(ctxs, load_all(ctxs)) or {}
-  return {'OK', 'G', '', 0, h.rid, tonumber(h.exp), granted, bals, 1}
+  local out = put_pairs({'OK', 'G', '', 0, h.rid, tonumber(h.exp), 1}, granted)
+  if not ctxs then out[#out + 1] = 0; return out end
+  return views(ctxs, load_all(ctxs), out)
 end
 
 -- The org's configuration this request needs, in one HMGET: the org's own fields, the
@@ -223,7 +222,7 @@ end
 
 if mode == 'C' then
   for i = 1, n do chain_save(ctxs[i], wss[i]); after_change(ctxs[i], now, false) end
-  return {'OK', 'G', '', 0, '', 0, {}, views(ctxs, wss), 0}
+  return views(ctxs, wss, {'OK', 'G', '', 0, '', 0, 0, 0})
 end
 
 -- Hold: take each grant in burn order and record exactly what came from where.
@@ -261,4 +260,4 @@ end
 redis.call('HSET', hold_key, unpack(fields))
 redis.call('ZADD', exp_key, I(expires), rid)
 redis.call('SET', idem, rid .. '|' .. fp, 'PX', ttl + retain)
-return {'OK', 'G', '', 0, rid, expires, granted, views(ctxs, wss), 0}
+return views(ctxs, wss, put_pairs({'OK', 'G', '', 0, rid, expires, 0}, granted))
