@@ -38,6 +38,26 @@ def unescape(escaped: str) -> str:
     return unquote_to_bytes(escaped).decode("utf-8")
 
 
+def cfg_key(prefix: str, org_e: str) -> str:
+    """``Keys.cfg`` from a shard prefix and an escaped org id."""
+    return f"{prefix}org:{org_e}"
+
+
+def bal_key(prefix: str, org_e: str, meter_e: str) -> str:
+    """``Keys.bal`` from a shard prefix, an escaped org id and an escaped meter."""
+    return f"{prefix}bal:{org_e}:{meter_e}"
+
+
+def idem_key(prefix: str, org_e: str, key_e: str) -> str:
+    """``Keys.idem`` from a shard prefix, an escaped org id and an escaped key."""
+    return f"{prefix}idem:{org_e}:{key_e}"
+
+
+def hold_key(prefix: str, reservation_id: str) -> str:
+    """``Keys.hold`` from the shard prefix of the reservation id."""
+    return f"{prefix}h:{reservation_id}"
+
+
 class Keys:
     """Key names for a deployment with a fixed number of virtual shards."""
 
@@ -61,17 +81,24 @@ class Keys:
         """Hash: the org's configuration — plan allowances, seats, anchor day, AI switch,
         features (``f:``/``tf:``), teams (``t:``), seats (``s:``, limits ``sl:``),
         assistants (``as:``/``at:``). Read by every spend-path script in one HMGET."""
-        return f"{self.org_prefix(org_id)}org:{escape(org_id)}"
+        return cfg_key(self.org_prefix(org_id), escape(org_id))
 
     def bal(self, org_id: str, meter: str) -> str:
         """Hash: every wallet (org, team, seat) of one org for one meter; see lib.lua.
         One hash per meter keeps a Reserve to a few HMGETs on one key per charge."""
-        return f"{self.org_prefix(org_id)}bal:{escape(org_id)}:{escape(meter)}"
+        return bal_key(self.org_prefix(org_id), escape(org_id), escape(meter))
 
     def idem(self, org_id: str, key: str) -> str:
         """String: ``<reservation id>|<request fingerprint>`` — a retried Reserve with the
         same idempotency key finds its first answer here. Expires with the hold."""
-        return f"{self.org_prefix(org_id)}idem:{escape(org_id)}:{escape(key)}"
+        return idem_key(self.org_prefix(org_id), escape(org_id), escape(key))
+
+    def org_parts(self, org_id: str) -> tuple[int, str, str]:
+        """(shard, shard prefix, escaped org id): the parts of every key of the org, for a
+        caller that builds several of them (the spend path, with the ``*_key`` functions
+        below: the same names, the shard computed once)."""
+        shard = zlib.crc32(org_id.encode("utf-8")) % self.shards
+        return shard, self._prefixes[shard], escape(org_id)
 
     def purchases(self, org_id: str) -> str:
         """Hash: purchase id -> what it bought; makes TopUp idempotent."""
@@ -80,7 +107,7 @@ class Keys:
     # -- per shard -------------------------------------------------------------------
     def hold(self, reservation_id: str) -> str:
         """Hash: one hold (see lib.lua). The reservation id carries the shard."""
-        return f"{self.prefix(self.shard_of_reservation(reservation_id))}h:{reservation_id}"
+        return hold_key(self.prefix(self.shard_of_reservation(reservation_id)), reservation_id)
 
     def expiries(self, shard: int) -> str:
         """Sorted set: reservation id -> expiry (ms) of the shard's open holds (sweeper)."""

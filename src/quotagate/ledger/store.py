@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 from quotagate.clock import Clock
 from quotagate.errors import BY_CODE, InvalidArgument, NotFound, QuotagateError, Unavailable
 from quotagate.ledger import validate
-from quotagate.ledger.keys import Keys, escape, unescape
+from quotagate.ledger.keys import Keys, bal_key, cfg_key, escape, hold_key, idem_key, unescape
 from quotagate.ledger.model import (
     Allowance,
     Catalog,
@@ -87,6 +87,22 @@ def _flat_charges(reply: Sequence[Any], i: int) -> tuple[tuple[Charge, ...], int
 def _flat_balances(reply: Sequence[Any], i: int) -> tuple[MeterBalance, ...]:
     """A flat reply's list of balances at `i` (count, then 13 figures each)."""
     return tuple(_balance(reply[j:j + 13]) for j in range(i + 1, i + 1 + 13 * int(reply[i]), 13))
+
+
+#: the scripts' codes (bytes, as replies carry them) -> enum members: a dict lookup
+#: instead of an Enum call per reply
+_DECISION = {d.value.encode(): d for d in Decision}
+_REASON = {r.value.encode(): r for r in DenyReason}
+_HOLD_STATE = {int(s): s for s in HoldState}
+
+
+def _decision(v: Any) -> Decision:
+    return _DECISION.get(v) or Decision(_s(v))
+
+
+def _reason(v: Any) -> DenyReason:
+    r = _REASON.get(v)
+    return r if r is not None else DenyReason(_s(v))
 
 
 def _raise_if_error(reply: Sequence[Any]) -> None:
@@ -178,11 +194,9 @@ class Ledger:
                                         idempotency_key, fingerprint)
         _raise_if_error(reply)
         granted, at = _flat_charges(reply, 7)
-        return ReserveResult(
-            decision=Decision(_s(reply[1])), reason=DenyReason(_s(reply[2])),
-            silent=bool(_i(reply[3])), reservation_id=_s(reply[4]),
-            granted=granted, expires_at_ms=_i(reply[5]),
-            balances=_flat_balances(reply, at), replayed=bool(_i(reply[6])))
+        return ReserveResult(_decision(reply[1]), _reason(reply[2]), reply[3] == 1,
+                             _s(reply[4]), granted, int(reply[5]),
+                             _flat_balances(reply, at), reply[6] == 1)
 
     async def check(self, subject: Subject, meter: str = "", feature: str = "") -> CheckResult:
         validate.subject(subject)
@@ -191,26 +205,31 @@ class Ledger:
         validate.ident(feature, "feature", required=False)
         reply = await self._run_reserve("C", subject, (Charge(meter, 1),), feature, "", "",
                                         1000, False, "", "")
-        return CheckResult(active=_s(reply[1]) == "G", reason=DenyReason(_s(reply[2])),
-                           silent=bool(_i(reply[3])),
-                           balances=_flat_balances(reply, 8))
+        return CheckResult(_decision(reply[1]) is Decision.GRANTED, _reason(reply[2]),
+                           reply[3] == 1, _flat_balances(reply, 8))
 
     async def _run_reserve(self, mode: str, s: Subject, items: Sequence[Charge], feature: str,
                            action: str, labels: str, ttl_ms: int, allow_partial: bool,
-                           idem_key: str, fingerprint: str) -> Any:
+                           idem: str, fingerprint: str) -> Any:
         k = self.keys
-        shard = k.shard_of(s.org_id)
-        rid = k.reservation_id(s.org_id, secrets.token_hex(16)) if mode == "R" else ""
-        keys = [k.cfg(s.org_id), k.idem(s.org_id, idem_key) if mode == "R" else k.cfg(s.org_id),
-                k.hold(rid) if rid else k.cfg(s.org_id), k.expiries(shard), k.ledger(shard)]
+        shard, pre, org_e = k.org_parts(s.org_id)
+        cfg = cfg_key(pre, org_e)
+        if mode == "R":
+            rid = f"r{shard}.{secrets.token_hex(16)}"  # Keys.reservation_id
+            keys = [cfg, idem_key(pre, org_e, escape(idem)), hold_key(pre, rid),
+                    k.expiries(shard), k.ledger(shard)]
+        else:
+            rid = ""
+            keys = [cfg, cfg, cfg, k.expiries(shard), k.ledger(shard)]
         argv: list[Any] = [
             self.clock.now_ms(), mode, rid, ttl_ms, "1" if allow_partial else "0", fingerprint,
-            self.opt.retain_ms, self.opt.ledger_maxlen, k.prefix(shard),
+            self.opt.retain_ms, self.opt.ledger_maxlen, pre,
             escape(s.team_id), escape(s.seat_id), escape(s.assistant_id), escape(feature),
             escape(action), labels, len(items)]
         for c in items:
-            keys.append(k.bal(s.org_id, c.meter))
-            argv += [self._emeter[c.meter], self._kind[c.meter], c.amount]
+            em = self._emeter[c.meter]
+            keys.append(bal_key(pre, org_e, em))
+            argv += [em, self._kind[c.meter], c.amount]
         return await self._call(self._spend("reserve", keys, argv))
 
     def _hold_key(self, reservation_id: str) -> str:
@@ -243,7 +262,7 @@ class Ledger:
             *self._amounts(items or None)]))
         _raise_if_error(reply)
         amounts, at = _flat_charges(reply, 2)
-        return HoldResult(HoldState(_i(reply[1])), amounts, _flat_balances(reply, at))
+        return HoldResult(_HOLD_STATE[reply[1]], amounts, _flat_balances(reply, at))
 
     async def refund(self, reservation_id: str, amount: Iterable[Charge] = (),
                      reason: str = "") -> HoldResult:
@@ -258,7 +277,7 @@ class Ledger:
             *self._amounts(items or None)]))
         _raise_if_error(reply)
         amounts, at = _flat_charges(reply, 2)
-        return HoldResult(HoldState(_i(reply[1])), amounts, _flat_balances(reply, at))
+        return HoldResult(_HOLD_STATE[reply[1]], amounts, _flat_balances(reply, at))
 
     async def extend(self, reservation_id: str, additional: Iterable[Charge] = (),
                      ttl_seconds: int = 0) -> ExtendResult:

@@ -66,10 +66,15 @@ def charges(catalog: Catalog, items: Iterable[Charge], field: str,
     out = tuple(items)
     if required and not out:
         raise InvalidArgument("at least one charge is required", field)
+    meters = catalog.meters
     seen: set[str] = set()
     for i, c in enumerate(out):
-        meter(catalog, c.meter, f"{field}[{i}].meter")
-        amount(c.amount, f"{field}[{i}].amount", allow_zero)
+        # the common case checked inline; the field's name is only built for an error
+        if c.meter not in meters:
+            meter(catalog, c.meter, f"{field}[{i}].meter")
+        a = c.amount
+        if not (0 < a <= MAX_AMOUNT or (a == 0 and allow_zero)):
+            amount(a, f"{field}[{i}].amount", allow_zero)
         if c.meter in seen:
             raise InvalidArgument(f"meter {c.meter!r} appears twice", f"{field}[{i}].meter")
         seen.add(c.meter)
