@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from quotagate.clock import ManualClock
+from quotagate.ledger import wallet
 from quotagate.ledger.model import Charge, Decision, HoldState, Subject
 from quotagate.ledger.store import Ledger
 from quotagate.sync.sink import entry_fields, entry_of
@@ -122,9 +123,17 @@ async def test_holds_of_the_earlier_layout_still_resolve(
         assert same.used == used
 
 
-async def test_wallets_of_the_comma_layout_still_spend_exactly(
-        redis: Any, ledger: Ledger) -> None:
-    """Builds before the JSON-array wallet wrote the same integers comma-separated."""
+EARLIER_WALLETS = {
+    "comma": lambda ints: ",".join(map(str, ints)),
+    "json": lambda ints: "[" + ",".join(map(str, ints)) + "]",
+}
+
+
+@pytest.mark.parametrize("form", sorted(EARLIER_WALLETS))
+async def test_wallets_of_earlier_layouts_still_spend_exactly(
+        redis: Any, ledger: Ledger, form: str) -> None:
+    """Earlier builds wrote a wallet's integers comma-separated, then as a JSON array;
+    this one writes MessagePack. Wallets in either earlier form spend exactly."""
     await ledger.upsert_org("o", "pro")
     await ledger.upsert_team("o", "t")
     await ledger.upsert_seat("o", "s", "t")
@@ -135,10 +144,12 @@ async def test_wallets_of_the_comma_layout_still_spend_exactly(
     r = await ledger.reserve(s, [Charge(M, 300)], idempotency_key="k1")
     (before,) = await ledger.get_balance(s, [M])
     bal = ledger.keys.bal("o", M)
-    wallets = {f: v for f, v in text(await redis.hgetall(bal)).items() if f.endswith("w")}
-    assert set(wallets) == {"w", "T:t:w", "S:s:w"}
-    assert all(v.startswith("[") and v.endswith("]") for v in wallets.values())
-    await redis.hset(bal, mapping={f: v[1:-1] for f, v in wallets.items()})
+    stored = {f.decode(): v for f, v in (await redis.hgetall(bal)).items()
+              if wallet.is_wallet(f.decode())}
+    assert set(stored) == {"w", "T:t:w", "S:s:w"}
+    ints = {f: wallet.decode(v) for f, v in stored.items()}
+    assert all(v is not None and wallet.encode(v) == stored[f] for f, v in ints.items())
+    await redis.hset(bal, mapping={f: EARLIER_WALLETS[form](v) for f, v in ints.items()})
 
     (same,) = await ledger.get_balance(s, [M])
     assert same == before
@@ -147,11 +158,12 @@ async def test_wallets_of_the_comma_layout_still_spend_exactly(
     (after,) = await ledger.get_balance(s, [M])
     assert (after.used, after.reserved) == (before.used + 250, before.reserved - 300)
     assert after.remaining == before.remaining + 50
-    # the wallets the commit changed (seat and team paid for it) are written back in the
-    # array form; the org wallet it did not touch stays as it was
-    now = text(await redis.hgetall(bal))
-    assert now["S:s:w"].startswith("[") and now["T:t:w"].startswith("[")
-    assert now["w"] == wallets["w"][1:-1]
+    # the wallets the commit changed (seat and team paid for it) are written back as
+    # MessagePack; the org wallet it did not touch stays as it was
+    now = await redis.hgetall(bal)
+    assert now[b"S:s:w"] == wallet.encode(wallet.decode(now[b"S:s:w"]) or [])
+    assert now[b"T:t:w"] == wallet.encode(wallet.decode(now[b"T:t:w"]) or [])
+    assert now[b"w"].decode() == EARLIER_WALLETS[form](ints["w"])
 
 
 def test_entries_of_both_forms_make_the_same_row() -> None:

@@ -3,8 +3,9 @@ Redis lost data (a crash beyond its AOF, a failover to an empty replica, FLUSHAL
 
 Every snapshot is merged into what Redis holds now, field by field:
 
-- balances (`bal`): per wallet (the packed field `w`, `T:<team>:w`, `S:<seat>:w`, a JSON
-  array of counters or, as earlier builds wrote it, the same comma-separated):
+- balances (`bal`): per wallet (the packed field `w`, `T:<team>:w`, `S:<seat>:w`: in
+  Redis MessagePack, in a snapshot a JSON array of the same counters; see
+  ledger/wallet.py):
   when Redis and SQL hold the wallet for different periods (`p`), the newer period wins
   the whole wallet (monthly counters of an older period mean nothing in a newer one);
   otherwise the monotonic counters `mu`, `tu` and `cu` and the grant `mg` keep the larger
@@ -30,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from quotagate.ledger import wallet
 from quotagate.ledger.keys import Keys, unescape
 from quotagate.ledger.store import LedgerOptions
 from quotagate.sync.sink import Sink, Snapshot
@@ -37,7 +39,7 @@ from quotagate.sync.sink import Sink, Snapshot
 log = logging.getLogger("quotagate.restore")
 
 #: wallet counters (lib.lua's WF order) and how two copies of one period merge
-WALLET = ("p", "mg", "mu", "mh", "tb", "th", "tu", "cu", "ch", "mx", "ou", "oh")
+WALLET = wallet.FIELDS
 LARGER = frozenset({"mu", "tu", "cu", "mg"})
 #: plain fields of a balance hash that only grow
 MONOTONIC = frozenset({"d", "evseq"})
@@ -63,22 +65,14 @@ def _int(v: str | None) -> int:
 
 
 def wallet_text(counters: Mapping[str, int]) -> str:
-    """A packed wallet as lib.lua writes it: the WALLET integers as a JSON array."""
+    """A wallet's text form (a snapshot's): the WALLET integers as a JSON array."""
     return "[" + ",".join(str(counters.get(name, 0)) for name in WALLET) + "]"
 
 
 def _wallet(v: str) -> dict[str, int] | None:
-    """A packed wallet: a JSON array of the WALLET integers, or the same comma-separated
-    without brackets (builds before the array form)."""
-    if v.startswith("[") and v.endswith("]"):
-        v = v[1:-1]
-    parts = v.split(",")
-    if len(parts) != len(WALLET):
-        return None
-    try:
-        return dict(zip(WALLET, map(int, parts), strict=True))
-    except ValueError:
-        return None
+    """A wallet in any stored form (wallet.decode)."""
+    ints = wallet.decode(v)
+    return None if ints is None else dict(zip(WALLET, ints, strict=True))
 
 
 def merge_wallet(redis_v: str, sql_v: str) -> str:
@@ -139,6 +133,24 @@ def _text(v: Any) -> str:
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
+def balance_text(h: Mapping[Any, Any]) -> dict[str, str]:
+    """A balance hash as read from Redis, in text: wallets (MessagePack) as JSON arrays."""
+    out: dict[str, str] = {}
+    for f, v in h.items():
+        name = _text(f)
+        out[name] = (wallet.text(v) or _text(v)) if wallet.is_wallet(name) else _text(v)
+    return out
+
+
+def balance_redis(h: Mapping[str, str]) -> dict[str, str | bytes]:
+    """Fields to write into a balance hash: wallets in their Redis form, MessagePack."""
+    out: dict[str, str | bytes] = {}
+    for f, v in h.items():
+        ints = wallet.decode(v) if wallet.is_wallet(f) else None
+        out[f] = wallet.encode(ints) if ints is not None else v
+    return out
+
+
 async def restore(redis: Any, keys: Keys, sink: Sink,
                   retain_ms: int = LedgerOptions().retain_ms) -> RestoreCounts:
     snaps = await sink.snapshots()
@@ -155,12 +167,14 @@ async def _restore_chunk(redis: Any, keys: Keys, snaps: list[Snapshot], retain_m
     pipe = redis.pipeline(transaction=False)
     for s in snaps:
         pipe.hgetall(s.redis_key)
-    current = [{_text(f): _text(v) for f, v in (h or {}).items()}
-               for h in await pipe.execute()]
+    current = [balance_text(h or {}) if s.kind == "bal"
+               else {_text(f): _text(v) for f, v in (h or {}).items()}
+               for s, h in zip(snaps, await pipe.execute(), strict=True)]
     pipe = redis.pipeline(transaction=False)
     for s, now in zip(snaps, current, strict=True):
         sql = dict(s.data)
-        write = merge_balance(now, sql) if s.kind == "bal" else merge_union(now, sql)
+        write: Mapping[str, str | bytes] = balance_redis(merge_balance(now, sql)) \
+            if s.kind == "bal" else merge_union(now, sql)
         if write:
             pipe.hset(s.redis_key, mapping=write)
             counts.keys += 1

@@ -37,6 +37,7 @@ from redis import exceptions as redis_errors
 from quotagate.ledger.keys import Keys, unescape
 from quotagate.ledger.model import Catalog
 from quotagate.ledger.store import LedgerOptions
+from quotagate.sync.restore import balance_text
 from quotagate.sync.sink import Entry, Sink, Snapshot, entry_of
 
 log = logging.getLogger("quotagate.sync")
@@ -192,7 +193,9 @@ class Syncer:
         out: list[Snapshot] = []
         plans: dict[str, str] = {}
         for (key, org, kind), h in zip(wanted, await pipe.execute(), strict=True):
-            data = {_text(f): _text(v) for f, v in (h or {}).items()}
+            # wallets are MessagePack in Redis, JSON arrays in a snapshot
+            data = balance_text(h or {}) if kind == "bal" else \
+                {_text(f): _text(v) for f, v in (h or {}).items()}
             if not data:  # gone (expired hold) or never existed: keep the last copy
                 continue
             out.append(Snapshot(key, org, kind, data, now))
