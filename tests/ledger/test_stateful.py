@@ -308,21 +308,14 @@ class Model:
         left = x
         rank = {"Sm": 1, "St": 2, "Tm": 3, "Tt": 4, "Om": 5, "Ot": 6, "Oo": 7, "D": 8}
         order = sorted(h.xtakes, key=lambda t: (rank[str(t[0])], int(t[1])), reverse=True)
+        settled = 0  # refunded debt that a refill had paid: given back after the rest
         for code, pid, amt in order:
             y = min(left, int(amt))
             if y:
                 if code == "D":
                     fromd = min(self.d, y)
                     self.d -= fromd
-                    rest = y - fromd
-                    o = self.w["O"]
-                    back = min(rest, o.tu)
-                    o.tu -= back
-                    o.tb += back
-                    rest -= back
-                    back = min(rest, o.mu)
-                    o.mu -= back
-                    o.tb += rest - back
+                    settled += y - fromd
                 else:
                     w = self.w[str(code)[0]]
                     if str(code)[1] == "m":
@@ -336,6 +329,15 @@ class Model:
                         if w.p == pid:
                             w.tu -= y
                 left -= y
+        if settled:  # undo the refill's payment: top-up first, then monthly
+            o = self.w["O"]
+            back = min(settled, o.tu)
+            o.tu -= back
+            o.tb += back
+            settled -= back
+            back = min(settled, o.mu)
+            o.mu -= back
+            o.tb += settled - back
         if x and h.chain[0] == "S" and self.w["S"].p == h.hp:
             self.w["S"].cu = max(0, self.w["S"].cu - x)
         h.state = "R"

@@ -543,28 +543,32 @@ local function chain_charge_free(ctx, ws, amount)
   return takes, left
 end
 
+-- What a refill already paid for refunded debt is given back, undoing settle_debt
+-- (top-up, then monthly). Called after the hold's other takes are credited, so it never
+-- takes back the top-up or monthly usage those takes charged themselves.
+local function credit_settled(ctx, rest)
+  if rest <= 0 then return end
+  local ow = ctx.org
+  local y = math.min(rest, ow.tu)
+  ow.tu = ow.tu - y; ow.tb = ow.tb + y; rest = rest - y
+  local z = math.min(rest, ow.mu)
+  ow.mu = ow.mu - z; rest = rest - z
+  ow.tb = ow.tb + rest  -- paid in an earlier period: returned as top-up
+  ow.dirty = true
+end
+
 -- Give back charged tokens (a Refund after Commit), at most what each take charged.
+-- Returns, for a debt take, the part a refill already paid (for credit_settled).
 local function credit_take(ctx, ws, take, x)
-  if x <= 0 then return end
+  if x <= 0 then return 0 end
   if take[1] == 'D' then
-    -- Usage that became debt. What the debt still holds is forgiven; what a refill
-    -- already paid for it is given back, undoing settle_debt (top-up, then monthly).
+    -- Usage that became debt: what the debt still holds is forgiven.
     local fromd = math.min(ctx.d, x)
     ctx.d = ctx.d - fromd
-    local rest = x - fromd
-    if rest > 0 then
-      local ow = ctx.org
-      local y = math.min(rest, ow.tu)
-      ow.tu = ow.tu - y; ow.tb = ow.tb + y; rest = rest - y
-      local z = math.min(rest, ow.mu)
-      ow.mu = ow.mu - z; rest = rest - z
-      ow.tb = ow.tb + rest  -- paid in an earlier period: returned as top-up
-      ow.dirty = true
-    end
-    return
+    return x - fromd
   end
   local w = wallet_of(ws, take[1])
-  if not w then return end
+  if not w then return 0 end
   local kind = CODE_KIND[take[1]]
   if kind == 'm' then
     if w.p == take[2] then w.mu = math.max(0, w.mu - x); w.dirty = true end
@@ -578,6 +582,7 @@ local function credit_take(ctx, ws, take, x)
     if w.p == take[2] then w.tu = math.max(0, w.tu - x) end
     w.dirty = true
   end
+  return 0
 end
 
 -- The MeterBalance figures of a subject for one meter (see DESIGN §4). `room` is what

@@ -71,12 +71,13 @@ for i = 1, h.n do
     local ctx = hold_ctx(h, i, now)
     local ws = chain_load(ctx)
     local takes = takes_in_burn_order(takes_decode(h.x[i]))
-    local left = x
+    local left, settled = x, 0
     for j = #takes, 1, -1 do
       local y = math.min(left, takes[j][3])
-      credit_take(ctx, ws, takes[j], y)
+      settled = settled + credit_take(ctx, ws, takes[j], y)
       left = left - y
     end
+    credit_settled(ctx, settled)
     if h.se ~= '' and ws[1].level == 'S' and ws[1].p == tonumber(h.hp[i]) then
       ws[1].cu = math.max(0, ws[1].cu - x); ws[1].dirty = true
     end

@@ -1,0 +1,37 @@
+"""Refunding usage that became debt gives back exactly what was taken, also when a
+refill paid the debt in between (found by the state machine; pinned here)."""
+
+from __future__ import annotations
+
+from quotagate.clock import ManualClock
+from quotagate.ledger.model import Allowance, Charge, Decision, HoldState, Subject
+from quotagate.ledger.store import Ledger
+
+M = "message_tokens"
+
+
+async def test_full_refund_after_debt_paid_by_a_refill(ledger: Ledger,
+                                                       clock: ManualClock) -> None:
+    await ledger.upsert_plan("small", [Allowance(M, 1_000)])
+    await ledger.upsert_org("o", "small")
+    await ledger.set_overage("o", M, 300)
+    org = Subject("o")
+    a = await ledger.reserve(org, [Charge(M, 570)], idempotency_key="a", ttl_seconds=60)
+    clock.advance(61_000)  # A expired, not swept yet
+    await ledger.topup("o", M, 1, "p1")
+    b = await ledger.reserve(org, [Charge(M, 1)], idempotency_key="b")
+    assert a.decision is b.decision is Decision.GRANTED
+    # 732 used on a hold of 1: 1 held + 429 monthly + 1 top-up + 300 overage + 1 debt
+    c = await ledger.commit(b.reservation_id, [Charge(M, 732)])
+    assert c.state is HoldState.COMMITTED and c.balances[0].debt == 1
+    await ledger.sweep(ledger.keys.shard_of("o"))  # A's 570 come back: they pay the debt
+    (paid,) = await ledger.get_balance(org, [M])
+    assert paid.debt == 0 and paid.used == 732
+    r = await ledger.refund(b.reservation_id)
+    assert r.state is HoldState.REFUNDED and r.amounts == (Charge(M, 732),)
+    (after,) = await ledger.get_balance(org, [M])
+    # nothing used, nothing owed, and the monthly token that paid the debt is monthly
+    # again: the org does not gain a top-up token it never bought
+    assert (after.used, after.debt, after.overage_used) == (0, 0, 0)
+    assert (after.total, after.monthly_used, after.topup_remaining) == (1_001, 0, 1)
+    assert after.remaining == 1_001 + 300
