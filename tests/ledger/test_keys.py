@@ -57,3 +57,21 @@ async def test_plan_allowances_are_per_meter(ledger: Ledger) -> None:
     await ledger.upsert_org("o", "two")
     got = {b.meter: b.total for b in await ledger.get_balance(Subject("o"))}
     assert got["message_tokens"] == 10 and got["call_seconds"] == 5 and got["storage_bytes"] == 0
+
+
+def test_reservation_tokens_are_unique_and_not_shared_with_a_fork() -> None:
+    import os
+
+    from quotagate.ledger.store import TOKENS
+
+    seen = {TOKENS.next() for _ in range(2_000)}  # several refills of the buffer
+    assert len(seen) == 2_000
+    assert all(len(t) == 32 and int(t, 16) >= 0 for t in seen)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child draws from its own randomness, not the parent's buffer
+        os.write(w, TOKENS.next().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 64).decode()
+    assert child not in seen and child != TOKENS.next()
