@@ -4,10 +4,12 @@ transport's own ceiling measured in the same run.
 1. Starts a Redis of its own and `quotagate serve` on it (`--workers N` processes).
 2. Seeds orgs (each with teams and seats) straight through the ledger.
 3. For each scenario — ceiling (gRPC health Check), reserve_commit, check, get_balance —
-   measures saturation throughput with closed-loop generator processes in 5 rounds, each
-   round the ceiling then the scenario back to back (the median round's ratio is
-   reported: drifts of a shared machine cancel out), then p50 / p99 / p99.9 latency with
-   open-loop load at 25 %, 50 % and 75 % of that throughput.
+   finds its saturation level (closed-loop callers per generator: 32, 64, 128, 256, the
+   fastest wins; the ceiling's own level too), then measures saturation throughput at
+   those levels in 5 rounds, each round the ceiling then the scenario back to back (the
+   median round's ratio is reported: drifts of a shared machine cancel out), then
+   p50 / p99 / p99.9 latency with open-loop load at 25 %, 50 % and 75 % of that
+   throughput.
    Also: reserve_commit with the pipelined spend path off (before/after), and
    reserve_commit on a 3-master Redis Cluster.
 4. Floor: redis-benchmark running the reserve script itself (FCALL), no quotagate.
@@ -169,17 +171,44 @@ def stop(proc: subprocess.Popen[str] | None) -> None:
         proc.wait(30)
 
 
+#: (port, scenario) -> callers per generator at which its throughput peaked
+LEVELS: dict[tuple[int, str], int] = {}
+SEARCHED: dict[tuple[int, str], dict[int, int]] = {}
+
+
+def saturation_level(port: int, name: str, a: argparse.Namespace) -> int:
+    """Closed-loop callers per generator at which the scenario's throughput peaks: one
+    short run at each level from --concurrency, doubling, to --max-concurrency; the
+    fastest level is used. A fixed number of callers does not saturate every scenario
+    alike: a Reserve+Commit caller waits for two round trips (and Redis) per request, a
+    health check caller for one, so at 32 callers the server idles in one and not in
+    the other. Each scenario, the ceiling included, is measured at its own peak."""
+    key = (port, name)
+    if key not in LEVELS:
+        tried: dict[int, int] = {}
+        level = a.concurrency
+        while level <= max(a.concurrency, a.max_concurrency):
+            tried[level] = drive(port, name, a.seconds, a.generators, level, 0, a)["rpc_per_s"]
+            level *= 2
+        LEVELS[key] = max(tried, key=lambda c: tried[c])
+        SEARCHED[key] = tried
+    return LEVELS[key]
+
+
 def saturate(port: int, name: str, a: argparse.Namespace,
              latency: bool = True) -> dict[str, Any]:
     """Saturation in `a.rounds` rounds, each the ceiling (health Check on this same server)
-    then the scenario back to back: a round's ratio compares two measurements a few
-    seconds apart, so slow drifts of a shared machine cancel out. The median round is
-    reported. Then latency at 25/50/75 % of the median saturation."""
+    then the scenario back to back, each at its own saturation level: a round's ratio
+    compares two measurements a few seconds apart, so slow drifts of a shared machine
+    cancel out. The median round is reported. Then latency at 25/50/75 % of the median
+    saturation."""
     rounds = []
+    lc = saturation_level(port, "ceiling", a)
+    ls = lc if name == "ceiling" else saturation_level(port, name, a)
     for _ in range(a.rounds):
-        ceiling = drive(port, "ceiling", a.seconds, a.generators, a.concurrency, 0, a)
+        ceiling = drive(port, "ceiling", a.seconds, a.generators, lc, 0, a)
         sat = ceiling if name == "ceiling" else \
-            drive(port, name, a.seconds, a.generators, a.concurrency, 0, a)
+            drive(port, name, a.seconds, a.generators, ls, 0, a)
         rounds.append({"ceiling_rpc_per_s": ceiling["rpc_per_s"], **sat,
                        "ratio": round(sat["rpc_per_s"] / max(1, ceiling["rpc_per_s"]), 3),
                        "cpu_ratio": round(ceiling["cpu_us_per_rpc"]["total"]
@@ -191,7 +220,10 @@ def saturate(port: int, name: str, a: argparse.Namespace,
             for f in (0.25, 0.50, 0.75)} if latency else {}
     cpu_ratio = sorted(r["cpu_ratio"] for r in rounds)[len(rounds) // 2]
     return {"saturation": mid, "rounds": rounds, "ratio_to_ceiling": mid["ratio"],
-            "cpu_ratio_to_ceiling": cpu_ratio, "load": load}
+            "cpu_ratio_to_ceiling": cpu_ratio, "load": load,
+            "callers_per_generator": {"ceiling": lc, name: ls},
+            "saturation_search": {"ceiling": SEARCHED.get((port, "ceiling")),
+                                  name: SEARCHED.get((port, name))}}
 
 
 def floor(port: int, requests: int) -> dict[str, Any]:
@@ -364,7 +396,11 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--generators", type=int, default=2, help="load generator processes")
-    p.add_argument("--concurrency", type=int, default=32, help="callers per generator")
+    p.add_argument("--concurrency", type=int, default=32,
+                   help="callers per generator: the first level of the saturation search")
+    p.add_argument("--max-concurrency", type=int, default=256,
+                   help="the last level of the saturation search (doubling from "
+                        "--concurrency)")
     p.add_argument("--channels", type=int, default=8,
                    help="connections per generator (the kernel spreads connections, not "
                         "requests, over the workers)")
@@ -407,9 +443,13 @@ def main() -> None:
         proc, port = start_quotagate(redis_srv.url, a.workers)
         for name in a.scenarios.split(","):
             report["scenarios"][name] = saturate(port, name, a)
-            print(f"  {name}: {report['scenarios'][name]['saturation']['rpc_per_s']} RPC/s",
+            sc = report["scenarios"][name]
+            print(f"  {name}: {sc['saturation']['rpc_per_s']} RPC/s at "
+                  f"{sc['callers_per_generator'][name]} callers per generator "
+                  f"(search: {sc['saturation_search'][name]})",
                   flush=True)
-        more = drive(port, "ceiling", a.seconds, a.generators + 1, a.concurrency, 0, a)
+        more = drive(port, "ceiling", a.seconds, a.generators + 1,
+                     saturation_level(port, "ceiling", a), 0, a)
         base = report["scenarios"].get("ceiling", {}).get("saturation", {})
         report["client_check"] = {
             "ceiling_with_one_more_generator": more["rpc_per_s"],
@@ -437,23 +477,25 @@ def main() -> None:
     if not a.no_cluster:
         report["scenarios"]["reserve_commit_cluster"] = cluster_scenario(a)
     ceiling = report["scenarios"].get("ceiling", {}).get("saturation", {}).get("rpc_per_s")
-    print(f"\n{'scenario':<28}{'RPC/s':>9}{'ratio':>7}{'CPU us':>8}{'ratio':>7}"
+    print(f"\n{'scenario':<28}{'RPC/s':>9}{'ratio':>7}{'CPU us':>8}{'ratio':>7}{'callers':>8}"
           "   p50/p99/p99.9 ms at 25% | 50% | 75%")
     for name, sc in report["scenarios"].items():
         rate = sc["saturation"]["rpc_per_s"]
         ratio = sc["ratio_to_ceiling"]
         cpu = sc["saturation"]["cpu_us_per_rpc"]["total"]
+        callers = sc.get("callers_per_generator", {}).get(name, "")
         lat = " | ".join(f"{v['p50_ms']}/{v['p99_ms']}/{v['p999_ms']}"
                          for v in sc["load"].values()) or sc.get("note", "")
         print(f"{name:<28}{rate:>9}{ratio:>7.2f}{cpu:>8.0f}{sc['cpu_ratio_to_ceiling']:>7.2f}"
-              f"   {lat}")
+              f"{callers:>8}   {lat}")
         if any("rpc_p50_ms" in v for v in sc["load"].values()):
             per = " | ".join(f"{v['rpc_p50_ms']}/{v['rpc_p99_ms']}/{v['rpc_p999_ms']}"
                              for v in sc["load"].values())
             print(f"{'  (each RPC alone)':<44}   {per}")
     print("(ratio: RPC/s over the ceiling's, median of the rounds; CPU us: CPU time of "
           "quotagate, Redis and the generators per RPC at saturation, and the ceiling's CPU "
-          "per RPC over it: the same comparison, less moved by a busy host)")
+          "per RPC over it: the same comparison, less moved by a busy host; callers: "
+          "closed-loop callers per generator at which the scenario peaked)")
     for name, sc in report["scenarios"].items():
         c = sc["saturation"]["cpu_us_per_rpc"]
         print(f"  {name}: CPU us per RPC " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
