@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from quotagate.ledger import model
 from quotagate.v1 import common_pb2
@@ -37,14 +40,46 @@ def charges_pb(items: Iterable[model.Charge]) -> list[dict[str, object]]:
 
 
 
+#: period bounds as Timestamp messages: few distinct values (period starts and ends),
+#: reused instead of built for every balance of every reply
+_PERIOD_TS: dict[int, Timestamp] = {}
+
+
+def period_ts(ms: int) -> Timestamp:
+    t = _PERIOD_TS.get(ms)
+    if t is None:
+        if len(_PERIOD_TS) >= 4096:
+            _PERIOD_TS.clear()
+        t = _PERIOD_TS[ms] = Timestamp(seconds=ms // 1000, nanos=ms % 1000 * 1_000_000)
+    return t
+
+
 def balance_pb(b: model.MeterBalance) -> common_pb2.MeterBalance:
     return common_pb2.MeterBalance(
         meter=b.meter, used=b.used, total=b.total, remaining=b.remaining, reserved=b.reserved,
         monthly_granted=b.monthly_granted, monthly_used=b.monthly_used,
         topup_remaining=b.topup_remaining, overage_used=b.overage_used,
-        overage_cap=b.overage_cap, debt=b.debt, period_start=ts(b.period_start_ms),
-        period_end=ts(b.period_end_ms))
+        overage_cap=b.overage_cap, debt=b.debt, period_start=period_ts(b.period_start_ms),
+        period_end=period_ts(b.period_end_ms))
 
 
 def balances_pb(items: Iterable[model.MeterBalance]) -> list[common_pb2.MeterBalance]:
     return [balance_pb(b) for b in items]
+
+
+def add_balances(field: Any, items: Iterable[model.MeterBalance]) -> None:
+    """Append to a repeated MeterBalance field of a reply, each built in place (a message
+    given to a constructor is built, then copied in: a quarter more time)."""
+    for b in items:
+        field.add(meter=b.meter, used=b.used, total=b.total, remaining=b.remaining,
+                  reserved=b.reserved, monthly_granted=b.monthly_granted,
+                  monthly_used=b.monthly_used, topup_remaining=b.topup_remaining,
+                  overage_used=b.overage_used, overage_cap=b.overage_cap, debt=b.debt,
+                  period_start=period_ts(b.period_start_ms),
+                  period_end=period_ts(b.period_end_ms))
+
+
+def add_charges(field: Any, items: Iterable[model.Charge]) -> None:
+    """Append to a repeated Charge field of a reply, in place."""
+    for c in items:
+        field.add(meter=c.meter, amount=c.amount)

@@ -23,29 +23,34 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             cv.subject(request.subject), cv.charges(request.charges),
             idempotency_key=request.idempotency_key, action=request.action,
             feature=request.feature, ttl_seconds=request.ttl_seconds,
-            allow_partial=request.allow_partial, labels=dict(request.labels))
-        return quota_pb2.ReserveResponse(
+            allow_partial=request.allow_partial,
+            labels=dict(request.labels) if request.labels else None)
+        out = quota_pb2.ReserveResponse(
             decision=cv.DECISION[r.decision], reason=cv.REASON[r.reason], silent=r.silent,
-            reservation_id=r.reservation_id, granted=cv.charges_pb(r.granted),
-            expires_at=cv.ts(r.expires_at_ms), balances=cv.balances_pb(r.balances))
+            reservation_id=r.reservation_id, expires_at=cv.ts(r.expires_at_ms))
+        cv.add_charges(out.granted, r.granted)
+        cv.add_balances(out.balances, r.balances)
+        return out
 
     @translated
     async def Commit(self, request: quota_pb2.CommitRequest,
                      context: grpc.aio.ServicerContext) -> quota_pb2.CommitResponse:
         r = await self.ledger.commit(request.reservation_id, cv.charges(request.actual),
-                                     dict(request.labels))
-        return quota_pb2.CommitResponse(state=cv.HOLD_STATE[r.state],
-                                        charged=cv.charges_pb(r.amounts),
-                                        balances=cv.balances_pb(r.balances))
+                                     dict(request.labels) if request.labels else None)
+        out = quota_pb2.CommitResponse(state=cv.HOLD_STATE[r.state])
+        cv.add_charges(out.charged, r.amounts)
+        cv.add_balances(out.balances, r.balances)
+        return out
 
     @translated
     async def Refund(self, request: quota_pb2.RefundRequest,
                      context: grpc.aio.ServicerContext) -> quota_pb2.RefundResponse:
         r = await self.ledger.refund(request.reservation_id, cv.charges(request.amount),
                                      request.reason)
-        return quota_pb2.RefundResponse(state=cv.HOLD_STATE[r.state],
-                                        refunded=cv.charges_pb(r.amounts),
-                                        balances=cv.balances_pb(r.balances))
+        out = quota_pb2.RefundResponse(state=cv.HOLD_STATE[r.state])
+        cv.add_charges(out.refunded, r.amounts)
+        cv.add_balances(out.balances, r.balances)
+        return out
 
     @translated
     async def Extend(self, request: quota_pb2.ExtendRequest,
@@ -61,14 +66,18 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def Check(self, request: quota_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> quota_pb2.CheckResponse:
         r = await self.ledger.check(cv.subject(request.subject), request.meter, request.feature)
-        return quota_pb2.CheckResponse(active=r.active, reason=cv.REASON[r.reason],
-                                       silent=r.silent, balances=cv.balances_pb(r.balances))
+        out = quota_pb2.CheckResponse(active=r.active, reason=cv.REASON[r.reason],
+                                      silent=r.silent)
+        cv.add_balances(out.balances, r.balances)
+        return out
 
     @translated
     async def GetBalance(self, request: quota_pb2.GetBalanceRequest,
                          context: grpc.aio.ServicerContext) -> quota_pb2.GetBalanceResponse:
         b = await self.ledger.get_balance(cv.subject(request.subject), list(request.meters))
-        return quota_pb2.GetBalanceResponse(balances=cv.balances_pb(b))
+        out = quota_pb2.GetBalanceResponse()
+        cv.add_balances(out.balances, b)
+        return out
 
     async def WatchStatus(self, request: quota_pb2.WatchStatusRequest,
                           context: grpc.aio.ServicerContext
