@@ -414,7 +414,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--generators", type=int, default=2, help="load generator processes")
+    p.add_argument("--generators", type=int, default=3,
+                   help="load generator processes (3: the client check finds one more no faster)")
     p.add_argument("--concurrency", type=int, default=128,
                    help="closed-loop callers per generator, every scenario")
     p.add_argument("--search", action="store_true",
