@@ -104,8 +104,11 @@ async def _run(job: Job) -> dict[str, object]:
     latencies: list[float] = []
     rpcs = 0
     errors = 0
-    for call in calls:
-        await call()  # connect and warm
+    for call in calls:  # connect and warm; a failure counts as an error, it stops nothing
+        try:
+            await call()
+        except grpc.aio.AioRpcError:
+            errors += 1
     rpc_latencies.clear()
     start = time.perf_counter()
     stop = start + job.seconds

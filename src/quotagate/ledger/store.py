@@ -105,6 +105,20 @@ def _reason(v: Any) -> DenyReason:
     return r if r is not None else DenyReason(_s(v))
 
 
+def _closed_while_writing(e: BaseException) -> bool:
+    """An AttributeError/TypeError raised by redis-py's asyncio connection while it wrote
+    to a transport that was being closed (not a bug of ours)."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(("redis/asyncio/connection.py",
+                                                    "asyncio/streams.py")) and \
+                tb.tb_frame.f_code.co_name in ("_send_packed_command", "send_packed_command",
+                                                "writelines", "write"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _raise_if_error(reply: Sequence[Any]) -> None:
     if _s(reply[0]) == "ERR":
         cls = BY_CODE.get(_s(reply[1]), QuotagateError)
@@ -167,8 +181,17 @@ class Ledger:
     async def _call(self, aw: Awaitable[T]) -> T:
         try:
             return await aw
+        except redis_errors.MaxConnectionsError as e:
+            raise Unavailable("redis connection pool exhausted: more calls in flight than "
+                              "connections (256 per Redis node and worker)") from e
         except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
-            raise Unavailable(f"redis unreachable: {e}") from e
+            raise Unavailable(f"redis unreachable: {e or type(e).__name__}") from e
+        except (AttributeError, TypeError) as e:
+            if not _closed_while_writing(e):
+                raise
+            # redis-py (8.1) lets a connection closed under a write escape as one of these
+            # instead of ConnectionError (redis/redis-py#4287): the call did not reach Redis
+            raise Unavailable("redis connection closed while sending") from e
         except redis_errors.ClusterDownError as e:
             raise Unavailable(f"redis cluster down: {e}") from e
         except redis_errors.OutOfMemoryError as e:
