@@ -126,8 +126,35 @@ async def seed(url: str, orgs: int, teams: int, seats: int) -> None:
     await r.aclose()
 
 
+#: ports of the Redis servers of the measured server (one, or the cluster's masters)
+REDIS_PORTS: list[int] = []
+
+
+def _settle_redis() -> int:
+    """Before a measurement: what the syncer (off in the benchmark, see the README) would
+    have done, delete the ledger entries waiting for SQL, so the streams do not grow
+    through the whole run (their size is in every AOF rewrite's fork). Returns Redis's
+    fork count so far (AOF rewrites)."""
+    import redis as sync_redis
+
+    forks = 0
+    keys = Keys()
+    for port in REDIS_PORTS:
+        with sync_redis.Redis(port=port) as r:
+            pipe = r.pipeline(transaction=False)
+            for shard in range(keys.shards):
+                pipe.xtrim(keys.ledger(shard), maxlen=0)
+            try:
+                pipe.execute()
+            except sync_redis.exceptions.ResponseError:
+                pass  # a cluster node: each shard's stream is on one of them
+            forks += int(r.info("stats").get("total_forks", 0))
+    return forks
+
+
 def drive(port: int, scenario: str, seconds: float, generators: int, concurrency: int,
           rate: float, a: argparse.Namespace) -> dict[str, Any]:
+    forks = _settle_redis()
     jobs = [loadgen.Job(port=port, scenario=scenario, seconds=seconds, concurrency=concurrency,
                         rate=rate / generators if rate else 0.0, orgs=a.orgs, teams=a.teams,
                         seats=a.seats, seed=i + 1, channels=a.channels)
@@ -138,6 +165,7 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
     with mp.get_context("spawn").Pool(generators) as pool:
         results = pool.map(loadgen.run, jobs)
     after = _cpu_now()
+    forks = _settle_redis() - forks
     w_spent = [_proc_cpu(w) - b for w, b in zip(workers, w_before, strict=True)]
     lat = sorted(x for r in results for x in r["latencies"])  # type: ignore[attr-defined]
     rpc = sorted(x for r in results for x in r["rpc_latencies"])  # type: ignore[attr-defined]
@@ -155,7 +183,7 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
     cpu["generators"] = sum(float(r["cpu"]) for r in results)  # type: ignore[arg-type, misc]
     per_rpc = {role: round(v / rpcs * 1e6, 1) for role, v in cpu.items()}
     per_rpc["total"] = round(sum(cpu.values()) / rpcs * 1e6, 1)
-    result: dict[str, Any] = {**out, "cpu_us_per_rpc": per_rpc}
+    result: dict[str, Any] = {**out, "cpu_us_per_rpc": per_rpc, "redis_forks": forks}
     if sum(w_spent) > 0:  # how evenly the kernel spread the connections over the workers
         result["worker_cpu_share"] = [round(x / sum(w_spent), 2) for x in w_spent]
     if rpc:  # reserve_commit: each RPC's own latency as well as the pair's
@@ -373,6 +401,7 @@ def cluster_scenario(a: argparse.Namespace) -> dict[str, Any]:
 
     cluster = RedisCluster().start()
     WATCH["redis"] = [n.proc.pid for n in cluster.nodes if n.proc]
+    REDIS_PORTS[:] = [n.port for n in cluster.nodes]
     proc = None
     try:
         url = cluster.url
@@ -445,6 +474,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     redis_srv = RedisServer("--appendonly", "yes", "--appendfsync", "everysec").start()
     WATCH["redis"] = [redis_srv.proc.pid] if redis_srv.proc else []
+    REDIS_PORTS[:] = [redis_srv.port]
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
