@@ -138,7 +138,10 @@ async def test_dead_notifier_entries_are_claimed_by_another(redis: Any,
     first = notifier(redis, [receiver.url], consumer="first", claim_idle_ms=50)
     first.add_listener(hang)
     task = asyncio.create_task(first.run_once())
-    await asyncio.sleep(0.1)
+    for _ in range(500):  # until it has read all three (a slow cluster takes a while)
+        if await pending(redis, first.groups) == 3:
+            break
+        await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -35,3 +35,37 @@ async def test_full_refund_after_debt_paid_by_a_refill(ledger: Ledger,
     assert (after.used, after.debt, after.overage_used) == (0, 0, 0)
     assert (after.total, after.monthly_used, after.topup_remaining) == (1_001, 0, 1)
     assert after.remaining == 1_001 + 300
+
+
+async def test_refund_of_debt_paid_last_period_leaves_this_periods_usage_charged(
+        ledger: Ledger, clock: ManualClock) -> None:
+    """A debt paid by last month's tokens, refunded in a new month: the refund does not
+    take this month's own usage back (it comes back as top-up: last month's tokens are
+    gone), and refunding this month's usage afterwards still gives all of it back."""
+    await ledger.upsert_plan("small", [Allowance(M, 1_000)])
+    await ledger.upsert_org("o", "small")
+    await ledger.set_overage("o", M, 300)
+    org = Subject("o")
+    a = await ledger.reserve(org, [Charge(M, 871)], idempotency_key="a", ttl_seconds=60)
+    clock.advance(61_000)  # A expired, not swept yet
+    b = await ledger.reserve(org, [Charge(M, 1)], idempotency_key="b")
+    # 774 on a hold of 1: 129 monthly + 300 overage + 345 debt
+    c = await ledger.commit(b.reservation_id, [Charge(M, 774)])
+    assert c.balances[0].debt == 345
+    await ledger.sweep(ledger.keys.shard_of("o"))  # A's 871 come back and pay the debt
+    (paid,) = await ledger.get_balance(org, [M])
+    assert (paid.debt, paid.monthly_used) == (0, 129 + 345)
+    clock.advance(31 * 86_400_000)  # a new month
+    late = await ledger.commit(a.reservation_id)  # A's usage, reported late: 871
+    assert late.state is HoldState.COMMITTED and late.amounts == (Charge(M, 871),)
+    (before,) = await ledger.get_balance(org, [M])
+    assert (before.monthly_used, before.debt, before.topup_remaining) == (871, 0, 0)
+
+    await ledger.refund(b.reservation_id)
+    (mid,) = await ledger.get_balance(org, [M])
+    # this month's 871 stay used; the 345 last month paid come back as top-up
+    assert (mid.monthly_used, mid.topup_remaining, mid.debt) == (871, 345, 0)
+    await ledger.refund(a.reservation_id)
+    (after,) = await ledger.get_balance(org, [M])
+    assert (after.monthly_used, after.topup_remaining, after.used) == (0, 345, 0)
+    assert after.remaining == 1_000 + 345 + 300

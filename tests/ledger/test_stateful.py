@@ -75,6 +75,8 @@ class Wallet:
     mx: int = 0
     ou: int = 0
     oh: int = 0
+    dpm: int = 0  # org: debt paid from this period's monthly tokens
+    dpt: int = 0  # org: debt paid from top-up in this period
 
     def avail_m(self) -> int:
         return max(0, self.mg - self.mu - self.mh)
@@ -111,7 +113,7 @@ class Model:
         for lvl, w in self.w.items():
             if w.p != pid:
                 w.p, w.mu, w.mh, w.tu, w.cu, w.ch = pid, 0, 0, 0, 0, 0
-                w.mx, w.ou, w.oh = 0, 0, 0
+                w.mx, w.ou, w.oh, w.dpm, w.dpt = 0, 0, 0, 0, 0
                 w.mg = MONTHLY if lvl == "O" else 0
         self.settle()
 
@@ -119,10 +121,12 @@ class Model:
         o = self.w["O"]
         x = min(self.d, o.avail_m())
         o.mu += x
+        o.dpm += x
         self.d -= x
         y = min(self.d, o.avail_t())
         o.tb -= y
         o.tu += y
+        o.dpt += y
         self.d -= y
 
     def avail_o(self) -> int:
@@ -329,14 +333,17 @@ class Model:
                         if w.p == pid:
                             w.tu -= y
                 left -= y
-        if settled:  # undo the refill's payment: top-up first, then monthly
+        if settled:  # undo the refill's payment: what this period's top-up paid, then
+            # what its monthly tokens paid; an earlier period's payment comes back as top-up
             o = self.w["O"]
-            back = min(settled, o.tu)
+            back = min(settled, o.dpt, o.tu)
             o.tu -= back
+            o.dpt -= back
             o.tb += back
             settled -= back
-            back = min(settled, o.mu)
+            back = min(settled, o.dpm, o.mu)
             o.mu -= back
+            o.dpm -= back
             o.tb += settled - back
         if x and h.chain[0] == "S" and self.w["S"].p == h.hp:
             self.w["S"].cu = max(0, self.w["S"].cu - x)

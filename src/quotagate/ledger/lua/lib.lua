@@ -213,6 +213,27 @@ local function avail_t(w)
   return a
 end
 
+-- What paid debt in the org wallet's current period (field 'dp' of the balance hash,
+-- "<period>:<monthly>:<top-up>"): a Refund of usage that became debt gives back what paid
+-- it, and only this period's monthly tokens can go back as monthly tokens. Read and
+-- written only when debt is paid or refunded, never on the plain spend path.
+local function debt_paid(w)
+  local v = redis.call('HGET', w.bal, 'dp')
+  if v then
+    local p, m, t = string.match(v, '^(%d+):(%d+):(%d+)$')
+    if p and tonumber(p) == w.p then return tonumber(m), tonumber(t) end
+  end
+  return 0, 0
+end
+
+local function debt_paid_save(w, m, t)
+  if m > 0 or t > 0 then
+    redis.call('HSET', w.bal, 'dp', I(w.p) .. ':' .. I(m) .. ':' .. I(t))
+  else
+    redis.call('HDEL', w.bal, 'dp')
+  end
+end
+
 -- Debt is paid first from whatever the org wallet has free: monthly, then top-up.
 -- After this, debt > 0 implies the org wallet has nothing available.
 local function settle_debt(w, debt)
@@ -221,6 +242,10 @@ local function settle_debt(w, debt)
   if x > 0 then w.mu = w.mu + x; debt = debt - x; w.dirty = true end
   local y = math.min(debt, avail_t(w))
   if y > 0 then w.tb = w.tb - y; w.tu = w.tu + y; debt = debt - y; w.dirty = true end
+  if x > 0 or y > 0 then
+    local m, t = debt_paid(w)
+    debt_paid_save(w, m + x, t + y)
+  end
   return debt
 end
 
@@ -543,18 +568,22 @@ local function chain_charge_free(ctx, ws, amount)
   return takes, left
 end
 
--- What a refill already paid for refunded debt is given back, undoing settle_debt
--- (top-up, then monthly). Called after the hold's other takes are credited, so it never
--- takes back the top-up or monthly usage those takes charged themselves.
+-- What a refill already paid for refunded debt is given back, undoing settle_debt: what
+-- this period's top-up paid goes back to top-up, what this period's monthly tokens paid
+-- goes back to monthly, and what an earlier period paid (its monthly tokens are gone)
+-- is returned as top-up. Only what settle_debt recorded in 'dp' counts as this period's,
+-- so usage the wallet charged for itself is never given back by a debt's refund.
 local function credit_settled(ctx, rest)
   if rest <= 0 then return end
   local ow = ctx.org
-  local y = math.min(rest, ow.tu)
-  ow.tu = ow.tu - y; ow.tb = ow.tb + y; rest = rest - y
-  local z = math.min(rest, ow.mu)
-  ow.mu = ow.mu - z; rest = rest - z
+  local m, t = debt_paid(ow)
+  local y = math.min(rest, t, ow.tu)
+  ow.tu = ow.tu - y; ow.tb = ow.tb + y; rest = rest - y; t = t - y
+  local z = math.min(rest, m, ow.mu)
+  ow.mu = ow.mu - z; rest = rest - z; m = m - z
   ow.tb = ow.tb + rest  -- paid in an earlier period: returned as top-up
   ow.dirty = true
+  debt_paid_save(ow, m, t)
 end
 
 -- Give back charged tokens (a Refund after Commit), at most what each take charged.
