@@ -24,9 +24,16 @@ run: $(STAMP) ## serve on the embedded Redis + SQLite, seeded with the demo org 
 	@echo "try:  $(PY) examples/quickstart.py $(LISTEN)"
 	QUOTAGATE_LISTEN=$(LISTEN) QUOTAGATE_CATALOG=examples/catalog.toml $(VENV)/bin/quotagate serve
 
-test: $(STAMP) ## run the tests (own Redis servers), then again on a 3-master Redis Cluster
-	$(PY) -m pytest -q
-	QUOTAGATE_TEST_REDIS=cluster $(PY) -m pytest -q tests --ignore=tests/test_proto.py --ignore=tests/test_serve.py
+CLUSTER_LOG := .pytest-cluster.log
+
+test: $(STAMP) ## run the tests (own Redis servers) and, at the same time, again on a 3-master Redis Cluster
+	@QUOTAGATE_TEST_REDIS=cluster $(PY) -m pytest -q -p no:cacheprovider tests \
+	  --ignore=tests/test_proto.py --ignore=tests/test_serve.py >$(CLUSTER_LOG) 2>&1 & \
+	cluster=$$!; \
+	$(PY) -m pytest -q; single=$$?; \
+	wait $$cluster; on_cluster=$$?; \
+	echo "=== the same suite on a 3-master Redis Cluster ==="; cat $(CLUSTER_LOG); \
+	test $$single = 0 && test $$on_cluster = 0
 
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check src tests bench
