@@ -14,7 +14,9 @@ transport's own ceiling measured in the same run.
 4. Floor: redis-benchmark running the reserve script itself (FCALL), no quotagate.
 5. Checks the load generators are not the bottleneck: alternating rounds of the
    ceiling with one more generator process must not be meaningfully faster.
-6. Prints one table, writes a JSON report and a PNG of latency against load.
+6. Prints one table, writes a JSON report and a PNG of latency against load, and says how
+   much the ceiling moved over the run's rounds (max/min): above 1.5 it warns that the
+   host, not quotagate, is what the run measured.
 Optional: --scale (cost per Reserve at 1,000 vs 1,000,000 orgs; Redis memory per org).
 Nothing here asserts a time: it measures and reports.
 """
@@ -254,6 +256,23 @@ def saturate(port: int, name: str, a: argparse.Namespace,
             "callers_per_generator": {"ceiling": lc, name: ls},
             "saturation_search": {"ceiling": SEARCHED.get((port, "ceiling")),
                                   name: SEARCHED.get((port, name))}}
+
+
+#: max/min of the ceiling's rounds above which a run is reported as too noisy to read
+#: (on a quiet day the 2-core machine moves about ±20 %: a spread up to 1.5)
+NOISY = 1.5
+
+
+def noise(report: dict[str, Any]) -> dict[str, Any]:
+    """How much the ceiling (the same health check every time) moved over the run's
+    rounds on the single server: a measure of the host, not of quotagate."""
+    xs = [r["ceiling_rpc_per_s"] for name, sc in report["scenarios"].items()
+          if name != "reserve_commit_cluster" for r in sc.get("rounds", [])]
+    if not xs or min(xs) <= 0:
+        return {}
+    spread = round(max(xs) / min(xs), 2)
+    return {"ceiling_min": min(xs), "ceiling_max": max(xs), "spread": spread,
+            "too_noisy": spread > NOISY}
 
 
 def client_check(port: int, a: argparse.Namespace) -> dict[str, Any]:
@@ -521,6 +540,7 @@ def main() -> None:
         redis_srv.close()
     if not a.no_cluster:
         report["scenarios"]["reserve_commit_cluster"] = cluster_scenario(a)
+    report["noise"] = noise(report)
     ceiling = report["scenarios"].get("ceiling", {}).get("saturation", {}).get("rpc_per_s")
     print(f"\n{'scenario':<28}{'RPC/s':>9}{'ratio':>7}{'CPU us':>8}{'ratio':>7}{'callers':>8}"
           "   p50/p99/p99.9 ms at 25% | 50% | 75%")
@@ -549,6 +569,14 @@ def main() -> None:
         print(f"{'floor (redis)':<28}{fl['rpc_per_s']:>9}{fl['rpc_per_s'] / ceiling:>7.2f}"
               "   redis-benchmark FCALL of the reserve script")
     print(f"client check: {report['client_check']}")
+    nz = report["noise"]
+    if nz:
+        print(f"noise: the ceiling ran at {nz['ceiling_min']}-{nz['ceiling_max']} RPC/s over "
+              f"this run's rounds (max/min {nz['spread']})")
+        if nz["too_noisy"]:
+            print(f"WARNING: the machine's speed moved more than {NOISY}x during the run: its "
+                  "ratios and latencies measure the host, not quotagate. Run again when it "
+                  "is quieter.")
     if "scale" in report:
         print(f"scale: {report['scale']}")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
