@@ -7,6 +7,12 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from quotagate.settings import GRPC_POLL_EXPERIMENTS  # does not load grpc
+
+# The in-process servers run on the I/O `quotagate serve` ships with (QUOTAGATE_GRPC_IO=poll);
+# gRPC reads this once, when it loads. test_serve runs both choices in real processes.
+os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_POLL_EXPERIMENTS)
+
 import grpc
 import pytest
 import redis.asyncio as aioredis

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import Grpc
+from quotagate.settings import GRPC_POLL_EXPERIMENTS
 from quotagate.v1 import common_pb2, quota_pb2, quota_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +30,12 @@ def _drain(proc: subprocess.Popen[str], lines: list[str]) -> None:
         lines.extend(proc.stderr)
 
 
-def start_serve(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[str], int]:
+def start_serve(tmp_path: Path, drop: tuple[str, ...] = (),
+                **env: str) -> tuple[subprocess.Popen[str], int]:
     e = {**os.environ, "QUOTAGATE_LISTEN": "127.0.0.1:0", "QUOTAGATE_DATA_DIR": str(tmp_path),
          "QUOTAGATE_CATALOG": str(ROOT / "examples" / "catalog.toml"), **env}
-    e.pop("QUOTAGATE_REDIS_URL", None)
+    for name in ("QUOTAGATE_REDIS_URL", *drop):
+        e.pop(name, None)
     proc = subprocess.Popen([sys.executable, "-m", "quotagate", "serve"], env=e, text=True,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert proc.stderr is not None
@@ -104,12 +107,53 @@ def test_serve_embedded_health_reflection_and_sigterm(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("var", "value"), [("QUOTAGATE_SHARDS", "many"),
                                             ("QUOTAGATE_LISTEN", "nowhere"),
                                             ("QUOTAGATE_REDIS_URL", "http://x"),
-                                            ("QUOTAGATE_DEFAULT_TTL_SECONDS", "0")])
+                                            ("QUOTAGATE_DEFAULT_TTL_SECONDS", "0"),
+                                            ("QUOTAGATE_GRPC_IO", "threads")])
 def test_bad_setting_names_the_variable(var: str, value: str) -> None:
     out = subprocess.run([sys.executable, "-m", "quotagate", "serve"], capture_output=True,
                          text=True, env={**os.environ, var: value}, timeout=60)
     assert out.returncode == 2
     assert var in out.stderr
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(x.decode().split("=", 1) for x in raw if b"=" in x)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize(("io", "own", "expected"), [
+    ("poll", None, GRPC_POLL_EXPERIMENTS),
+    ("event_engine", None, None),
+    ("poll", "-event_engine_client", "-event_engine_client")])
+def test_grpc_io_reaches_every_worker_and_an_explicit_setting_wins(
+        tmp_path: Path, io: str, own: str | None, expected: str | None) -> None:
+    """QUOTAGATE_GRPC_IO picks gRPC core's I/O for every worker (gRPC reads
+    GRPC_EXPERIMENTS when it loads, so each worker must be started with it); an operator's
+    own GRPC_EXPERIMENTS is passed on untouched. Either way the sidecar serves."""
+    env = {"QUOTAGATE_GRPC_IO": io, "QUOTAGATE_WORKERS": "2"}
+    if own:
+        env["GRPC_EXPERIMENTS"] = own
+    proc, port = start_serve(tmp_path, drop=() if own else ("GRPC_EXPERIMENTS",), **env)
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [int(c) for c in children
+                   if "serve" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")
+                   and "redis" not in Path(f"/proc/{c}/comm").read_text()]
+        assert len(workers) == 2
+        assert {_environ(w).get("GRPC_EXPERIMENTS") for w in workers} == {expected}
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            q = quota_pb2_grpc.QuotaServiceStub(ch)
+            r = q.Reserve(quota_pb2.ReserveRequest(
+                subject=common_pb2.Subject(org_id="demo", seat_id="alice"),
+                charges=[common_pb2.Charge(meter="message_tokens", amount=10)],
+                idempotency_key=f"io-{io}-{own}"))
+            assert r.decision == common_pb2.DECISION_GRANTED
+            assert q.Commit(quota_pb2.CommitRequest(reservation_id=r.reservation_id)).state \
+                == common_pb2.HOLD_STATE_COMMITTED
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 def test_bad_catalog_names_the_key(tmp_path: Path) -> None:

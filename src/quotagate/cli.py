@@ -8,7 +8,7 @@ import logging
 import sys
 
 from quotagate.errors import ConfigError
-from quotagate.settings import load_settings
+from quotagate.settings import apply_grpc_io, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if "grpc" in sys.modules:  # pragma: no cover - only when embedded in another program
+        logging.getLogger("quotagate").warning(
+            "grpc was loaded before quotagate serve: QUOTAGATE_GRPC_IO has no effect")
+    apply_grpc_io(settings)  # before grpc loads, here and in the workers (they inherit it)
     if settings.workers > 1:
         from quotagate.workers import run_workers
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -13,6 +13,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from quotagate.errors import ConfigError
 
 PREFIX = "QUOTAGATE_"
+
+#: GRPC_EXPERIMENTS for QUOTAGATE_GRPC_IO=poll: gRPC core's EventEngine switched off for
+#: listeners, client channels and every other endpoint, so the core's poll-based I/O runs
+#: on the thread that drains the completion queue, not on a separate thread pool
+GRPC_POLL_EXPERIMENTS = ("-event_engine_listener,-event_engine_client,"
+                         "-event_engine_for_all_other_endpoints")
 
 
 class Settings(BaseSettings):
@@ -34,6 +40,7 @@ class Settings(BaseSettings):
     grace_seconds: float = Field(5.0, ge=0, le=300, description="drain time on SIGTERM before in-flight RPCs are cut")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256, description="server processes sharing the port (SO_REUSEPORT); default: the cores")
+    grpc_io: Literal["poll", "event_engine"] = Field("poll", description="gRPC core's socket I/O: poll (default) does it on the thread that drains the completion queue, fewer thread hand-offs per RPC; event_engine: gRPC's own thread pool (its default). An explicit GRPC_EXPERIMENTS wins over both")
     reuseport: bool = Field(False, description="set by the worker supervisor: bind with SO_REUSEPORT")
     low_thresholds: str = Field("80", description="wallet.low fires at these % used (comma separated, e.g. 80,95)")
     # -- events: the notifier (webhooks) ---------------------------------------------------
@@ -117,6 +124,19 @@ class Settings(BaseSettings):
     def loopback(self) -> bool:
         host = self.listen.rpartition(":")[0].strip("[]")
         return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def apply_grpc_io(settings: Settings, environ: Any = None) -> str:
+    """Choose gRPC core's I/O (QUOTAGATE_GRPC_IO) for this process and the workers it
+    starts. gRPC reads GRPC_EXPERIMENTS once, when it loads, so this runs before anything
+    imports grpc; an operator's own GRPC_EXPERIMENTS is left as it is. Returns what the
+    process runs with."""
+    env = os.environ if environ is None else environ
+    if "GRPC_EXPERIMENTS" in env:
+        return f"GRPC_EXPERIMENTS={env['GRPC_EXPERIMENTS']}"
+    if settings.grpc_io == "poll":
+        env["GRPC_EXPERIMENTS"] = GRPC_POLL_EXPERIMENTS
+    return settings.grpc_io
 
 
 def load_settings(**overrides: Any) -> Settings:
