@@ -102,6 +102,8 @@ async def _run(job: Job) -> dict[str, object]:
     rpc_latencies: list[float] = []
     calls = [make_call(job, ch, rpc_latencies, i) for i, ch in enumerate(channels)]
     latencies: list[float] = []
+    sent: list[float] = []  # open loop: each request's latency from when it was sent
+    late: list[float] = []  # open loop: how late after its scheduled start it was sent
     rpcs = 0
     errors = 0
     for call in calls:  # connect and warm; a failure counts as an error, it stops nothing
@@ -115,12 +117,16 @@ async def _run(job: Job) -> dict[str, object]:
 
     async def one(t_sched: float, call) -> None:  # type: ignore[no-untyped-def]
         nonlocal rpcs, errors
+        t_send = time.perf_counter()
         try:
             done = await call()
             rpcs += done
         except grpc.aio.AioRpcError:
             errors += 1
-        latencies.append(time.perf_counter() - t_sched)
+        t_end = time.perf_counter()
+        latencies.append(t_end - t_sched)
+        sent.append(t_end - t_send)
+        late.append(t_send - t_sched)
 
     if job.rate <= 0:
         async def worker(k: int) -> None:
@@ -149,7 +155,9 @@ async def _run(job: Job) -> dict[str, object]:
     for ch in channels:
         await ch.close()
     return {"rpcs": rpcs, "requests": len(latencies), "errors": errors, "elapsed": elapsed,
-            "latencies": latencies, "rpc_latencies": rpc_latencies}
+            "latencies": latencies, "rpc_latencies": rpc_latencies,
+            "sent_latencies": sent if job.rate > 0 else [],
+            "lateness": late if job.rate > 0 else []}
 
 
 def run(job: Job) -> dict[str, object]:

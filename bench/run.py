@@ -49,6 +49,7 @@ from quotagate.clock import SystemClock  # noqa: E402
 from quotagate.ledger.keys import Keys, escape  # noqa: E402
 from quotagate.ledger.model import Allowance  # noqa: E402
 from quotagate.ledger.store import Ledger  # noqa: E402
+from quotagate.settings import GRPC_POLL_EXPERIMENTS  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
 M = "message_tokens"
@@ -81,12 +82,21 @@ def _cpu_now() -> dict[str, float]:
     return {role: sum(_proc_cpu(p) for p in pids) for role, pids in WATCH.items()}
 
 
-def start_quotagate(redis_url: str, workers: int,
-                    pipeline: bool = True) -> tuple[subprocess.Popen[str], int]:
+#: GRPC_EXPERIMENTS as the operator gave it (None: not set); the generators' own setting
+#: (see main) is not passed on to the server, which picks its I/O by QUOTAGATE_GRPC_IO
+OWN_GRPC_EXPERIMENTS = os.environ.get("GRPC_EXPERIMENTS")
+
+
+def start_quotagate(redis_url: str, workers: int, pipeline: bool = True,
+                    grpc_io: str | None = None) -> tuple[subprocess.Popen[str], int]:
     env = {**os.environ, "QUOTAGATE_LISTEN": "127.0.0.1:0", "QUOTAGATE_REDIS_URL": redis_url,
            "QUOTAGATE_LOG_LEVEL": "INFO", "QUOTAGATE_SYNC_IN_PROCESS": "false",
            "QUOTAGATE_NOTIFY_IN_PROCESS": "false",
            "QUOTAGATE_REDIS_PIPELINE": "true" if pipeline else "false"}
+    if OWN_GRPC_EXPERIMENTS is None:
+        env.pop("GRPC_EXPERIMENTS", None)
+    if grpc_io:
+        env["QUOTAGATE_GRPC_IO"] = grpc_io
     cmd = [sys.executable, "-m", "quotagate", "serve"]
     if workers > 1:
         cmd += ["--workers", str(workers)]
@@ -188,6 +198,11 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
     result: dict[str, Any] = {**out, "cpu_us_per_rpc": per_rpc, "redis_forks": forks}
     if sum(w_spent) > 0:  # how evenly the kernel spread the connections over the workers
         result["worker_cpu_share"] = [round(x / sum(w_spent), 2) for x in w_spent]
+    sent = sorted(x for r in results for x in r["sent_latencies"])  # type: ignore[attr-defined]
+    late = sorted(x for r in results for x in r["lateness"])  # type: ignore[attr-defined]
+    if late:  # open loop: latency from the actual send, and how late the generators sent
+        result.update(sent_p50_ms=pct(sent, 0.50), sent_p99_ms=pct(sent, 0.99),
+                      late_p50_ms=pct(late, 0.50), late_p99_ms=pct(late, 0.99))
     if rpc:  # reserve_commit: each RPC's own latency as well as the pair's
         result.update(rpc_p50_ms=pct(rpc, 0.50), rpc_p99_ms=pct(rpc, 0.99),
                       rpc_p999_ms=pct(rpc, 0.999))
@@ -267,7 +282,8 @@ def noise(report: dict[str, Any]) -> dict[str, Any]:
     """How much the ceiling (the same health check every time) moved over the run's
     rounds on the single server: a measure of the host, not of quotagate."""
     xs = [r["ceiling_rpc_per_s"] for name, sc in report["scenarios"].items()
-          if name != "reserve_commit_cluster" for r in sc.get("rounds", [])]
+          if name not in ("reserve_commit_cluster", "reserve_commit_event_engine")
+          for r in sc.get("rounds", [])]
     if not xs or min(xs) <= 0:
         return {}
     spread = round(max(xs) / min(xs), 2)
@@ -489,6 +505,9 @@ def main() -> None:
     p.add_argument("--no-cluster", action="store_true",
                    help="skip reserve_commit on a 3-master Redis Cluster")
     a = p.parse_args()
+    # The generators are gRPC clients on the same cores: they use the cheaper poll-based
+    # I/O too, so less of the machine goes to measuring (an explicit GRPC_EXPERIMENTS wins).
+    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_POLL_EXPERIMENTS)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     redis_srv = RedisServer("--appendonly", "yes", "--appendfsync", "everysec").start()
@@ -532,6 +551,16 @@ def main() -> None:
                   flush=True)
             stop(proc)
             proc = None
+            # Before/after of the poll-based gRPC I/O: the same server on gRPC's EventEngine
+            # thread pool (its ceiling is measured on it too, in the same rounds).
+            proc, port = start_quotagate(redis_srv.url, a.workers, grpc_io="event_engine")
+            sc = saturate(port, "reserve_commit", a)
+            sc["note"] = "QUOTAGATE_GRPC_IO=event_engine: gRPC's own I/O thread pool"
+            report["scenarios"]["reserve_commit_event_engine"] = sc
+            print(f"  reserve_commit_event_engine: {sc['saturation']['rpc_per_s']} RPC/s "
+                  f"(its ceiling {sc['saturation']['ceiling_rpc_per_s']})", flush=True)
+            stop(proc)
+            proc = None
         report["floor"] = floor(redis_srv.port, 50_000)
         if a.scale:
             report["scale"] = asyncio.run(scale(redis_srv.url))
@@ -553,6 +582,10 @@ def main() -> None:
                          for v in sc["load"].values()) or sc.get("note", "")
         print(f"{name:<28}{rate:>9}{ratio:>7.2f}{cpu:>8.0f}{sc['cpu_ratio_to_ceiling']:>7.2f}"
               f"{callers:>8}   {lat}")
+        if any("late_p99_ms" in v for v in sc["load"].values()):
+            per = " | ".join(f"{v['sent_p50_ms']}/{v['sent_p99_ms']} late {v['late_p99_ms']}"
+                             for v in sc["load"].values())
+            print(f"{'  (from the send; lateness)':<44}   {per}")
         if any("rpc_p50_ms" in v for v in sc["load"].values()):
             per = " | ".join(f"{v['rpc_p50_ms']}/{v['rpc_p99_ms']}/{v['rpc_p999_ms']}"
                              for v in sc["load"].values())
@@ -560,7 +593,10 @@ def main() -> None:
     print("(ratio: RPC/s over the ceiling's, median of the rounds; CPU us: CPU time of "
           "quotagate, Redis and the generators per RPC at saturation, and the ceiling's CPU "
           "per RPC over it: the same comparison, less moved by a busy host; callers: "
-          "closed-loop callers per generator at which the scenario peaked)")
+          "closed-loop callers per generator at which the scenario peaked; from the send: "
+          "p50/p99 from when the generator actually sent, and p99 of how late after its "
+          "scheduled start it sent: latencies are from the scheduled start, so a late "
+          "generator counts against the server)")
     for name, sc in report["scenarios"].items():
         c = sc["saturation"]["cpu_us_per_rpc"]
         print(f"  {name}: CPU us per RPC " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
@@ -568,6 +604,13 @@ def main() -> None:
     if "rpc_per_s" in fl and ceiling:
         print(f"{'floor (redis)':<28}{fl['rpc_per_s']:>9}{fl['rpc_per_s'] / ceiling:>7.2f}"
               "   redis-benchmark FCALL of the reserve script")
+    ee = report["scenarios"].get("reserve_commit_event_engine")
+    rc = report["scenarios"].get("reserve_commit")
+    if ee and rc:
+        print(f"gRPC I/O: poll (default) ceiling {rc['saturation']['ceiling_rpc_per_s']}, "
+              f"reserve_commit {rc['saturation']['rpc_per_s']} RPC/s; event_engine ceiling "
+              f"{ee['saturation']['ceiling_rpc_per_s']}, reserve_commit "
+              f"{ee['saturation']['rpc_per_s']} RPC/s")
     print(f"client check: {report['client_check']}")
     nz = report["noise"]
     if nz:
