@@ -42,7 +42,26 @@ lint: $(STAMP) ## ruff and mypy
 proto: $(STAMP) ## regenerate src/quotagate/v1 from proto/
 	$(PY) scripts/gen_proto.py
 
+CGEN := build/cgen/loadgen
+CGEN_PROTOS := quotagate/v1/common.proto quotagate/v1/quota.proto health.proto
+GRPC_CPP_DEBS := libgrpc++-dev protobuf-compiler-grpc protobuf-compiler pkg-config
+
+$(CGEN): bench/cgen/loadgen.cc bench/cgen/health.proto proto/quotagate/v1/common.proto proto/quotagate/v1/quota.proto
+	@mkdir -p build/cgen
+	protoc -I proto -I bench/cgen --cpp_out=build/cgen --grpc_out=build/cgen \
+	  --plugin=protoc-gen-grpc=$$(command -v grpc_cpp_plugin) $(CGEN_PROTOS)
+	$(CXX) -O2 -std=c++17 -Ibuild/cgen -o $@ bench/cgen/loadgen.cc build/cgen/health*.pb.cc \
+	  build/cgen/quotagate/v1/*.pb.cc $$(pkg-config --cflags --libs grpc++ protobuf)
+
+bench-deps: ## install gRPC C++ (Debian packages) for the benchmark's C++ load generator
+	$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y $(GRPC_CPP_DEBS)
+
 bench: $(STAMP) ## scenarios vs the gRPC health-check ceiling, same run: table, bench/results/{report.json,latency.png}
+	@if pkg-config --exists grpc++ 2>/dev/null && command -v grpc_cpp_plugin >/dev/null; then \
+	  $(MAKE) --no-print-directory $(CGEN); \
+	else \
+	  echo "no gRPC C++ here (make bench-deps installs it): Python load generators instead"; \
+	fi
 	$(PY) bench/run.py
 
 bench-quick: $(STAMP) ## one minute: Reserve+Commit RPCs/s against the health check on the same server
@@ -51,4 +70,4 @@ bench-quick: $(STAMP) ## one minute: Reserve+Commit RPCs/s against the health ch
 clean: ## remove the virtualenv and the embedded data directory
 	rm -rf $(VENV) .quotagate
 
-.PHONY: help install run test lint proto bench bench-quick clean
+.PHONY: help install run test lint proto bench bench-deps bench-quick clean

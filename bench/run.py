@@ -3,6 +3,12 @@ transport's own ceiling measured in the same run.
 
 1. Starts a Redis of its own and `quotagate serve` on it (`--workers N` processes).
 2. Seeds orgs (each with teams and seats) straight through the ledger.
+   The load comes from bench/cgen/loadgen.cc (C++, gRPC C++'s completion queue on one
+   thread; `make bench` builds it where gRPC C++ is installed, `make bench-deps` installs
+   it) or, with --client python or where it is not built, from bench/loadgen.py
+   (grpcio's asyncio client): the same scenarios and report. On a machine whose cores the
+   generators share with the server, the C++ one spends about a third of the CPU per RPC
+   of the Python one, so less of what is measured is the measuring.
 3. For each scenario — ceiling (gRPC health Check), reserve_commit, check, get_balance —
    measures saturation throughput with closed-loop generator processes (128 callers
    each, every scenario alike; --search looks for each one's own peak instead) in 7
@@ -164,6 +170,31 @@ def _settle_redis() -> int:
     return forks
 
 
+#: the C++ load generator (bench/cgen/loadgen.cc), built by `make bench` where gRPC C++
+#: is installed
+CPP_CLIENT = ROOT / "build" / "cgen" / "loadgen"
+
+
+def _run_cpp(jobs: list[loadgen.Job]) -> list[dict[str, Any]]:
+    """One C++ generator process per job, all at once; each prints loadgen.run's report."""
+    env = dict(os.environ)
+    if OWN_GRPC_EXPERIMENTS is None:  # the Python generators' setting: grpcio's, not C++'s
+        env.pop("GRPC_EXPERIMENTS", None)
+    procs = [subprocess.Popen(
+        [str(CPP_CLIENT), "--port", str(j.port), "--scenario", j.scenario,
+         "--seconds", str(j.seconds), "--concurrency", str(j.concurrency),
+         "--rate", str(j.rate), "--orgs", str(j.orgs), "--teams", str(j.teams),
+         "--seats", str(j.seats), "--seed", str(j.seed), "--channels", str(j.channels)],
+        stdout=subprocess.PIPE, text=True, env=env) for j in jobs]
+    out = []
+    for proc in procs:
+        stdout, _ = proc.communicate(timeout=max(j.seconds for j in jobs) + 60)
+        if proc.returncode != 0:
+            raise SystemExit(f"the C++ load generator failed (exit {proc.returncode})")
+        out.append(json.loads(stdout))
+    return out
+
+
 def drive(port: int, scenario: str, seconds: float, generators: int, concurrency: int,
           rate: float, a: argparse.Namespace) -> dict[str, Any]:
     forks = _settle_redis()
@@ -174,8 +205,11 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
     before = _cpu_now()
     workers = WATCH["quotagate"][1:]
     w_before = [_proc_cpu(w) for w in workers]
-    with mp.get_context("spawn").Pool(generators) as pool:
-        results = pool.map(loadgen.run, jobs)
+    if a.client == "cpp":
+        results = _run_cpp(jobs)
+    else:
+        with mp.get_context("spawn").Pool(generators) as pool:
+            results = pool.map(loadgen.run, jobs)
     after = _cpu_now()
     forks = _settle_redis() - forks
     w_spent = [_proc_cpu(w) - b for w, b in zip(workers, w_before, strict=True)]
@@ -478,8 +512,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--generators", type=int, default=3,
-                   help="load generator processes (3: the client check finds one more no faster)")
+    p.add_argument("--client", choices=("cpp", "python"),
+                   default="cpp" if CPP_CLIENT.exists() else "python",
+                   help="the load generators: C++ (bench/cgen, the default where `make bench` "
+                        "could build it) or Python (bench/loadgen.py, grpcio's asyncio client)")
+    p.add_argument("--generators", type=int, default=None,
+                   help="load generator processes (C++: 1, Python: 3; the client check "
+                        "finds one more no faster)")
     p.add_argument("--concurrency", type=int, default=128,
                    help="closed-loop callers per generator, every scenario")
     p.add_argument("--search", action="store_true",
@@ -505,6 +544,8 @@ def main() -> None:
     p.add_argument("--no-cluster", action="store_true",
                    help="skip reserve_commit on a 3-master Redis Cluster")
     a = p.parse_args()
+    if a.generators is None:
+        a.generators = 1 if a.client == "cpp" else 3
     # The generators are gRPC clients on the same cores: they use the cheaper poll-based
     # I/O too, so less of the machine goes to measuring (an explicit GRPC_EXPERIMENTS wins).
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_POLL_EXPERIMENTS)
