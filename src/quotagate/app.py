@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -211,6 +212,19 @@ class App:
         await self._stopped.wait()
 
 
+def settle_heap() -> int:
+    """Once the server is up: collect, then move every object alive now (modules, the
+    catalog, descriptors, script objects, the server itself: they live as long as the
+    process) out of the garbage collector's reach. Under load the requests in flight are
+    promoted into the oldest generation and set off a full collection every few seconds,
+    which walked all of these too, with the event loop standing still: on the benchmark
+    machine, in 17 s of Reserve+Commit, 7-11 full collections per worker, 190-235 ms in
+    all (up to 48 ms at once); frozen, 19 ms in all. Returns how many were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain and stop."""
     app = App(settings)
@@ -219,6 +233,8 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
+    log.debug("%d objects of the started server frozen out of the garbage collector",
+              settle_heap())
     try:
         await stop.wait()
         log.info("signal received: draining (NOT_SERVING) for up to %.1fs",
