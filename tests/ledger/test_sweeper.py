@@ -54,3 +54,41 @@ async def test_each_shard_is_one_function_call(redis: Any, ledger: Ledger) -> No
     stats = await redis.info("commandstats")
     assert stats["cmdstat_fcall"]["calls"] == ledger.keys.shards
     assert "cmdstat_evalsha" not in stats
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+async def test_a_sweep_leaves_connections_for_the_spend_path(
+        redis_server: Any, ledger: Ledger, pipeline: bool) -> None:
+    """A sweep of every shard runs beside the spend path. Where each step takes a pooled
+    connection of its own (Redis Cluster, or the pipeline off), a Reserve, a GetBalance
+    and a health ping sent during the sweep still get one: here the pool holds 12
+    connections (per node) and the ledger has 64 shards."""
+    import redis.asyncio as aioredis
+    import redis.asyncio.cluster as aiocluster
+
+    from quotagate.ledger.store import LedgerOptions
+
+    small: Any = (aiocluster.RedisCluster.from_url(redis_server.seed_url, max_connections=12)
+                  if CLUSTER else aioredis.Redis.from_url(redis_server.url, max_connections=12))
+    led = Ledger(small, ledger.catalog, ledger.clock, ledger.keys,
+                 LedgerOptions(pipeline=pipeline))
+    try:
+        if CLUSTER:
+            # before any concurrent use, as App.start does with its first health probe:
+            # redis-py 8.1's cluster client, first used by several calls at once,
+            # sometimes loses one of them on a connection it closes under it
+            await small.initialize()
+        await ledger.upsert_org("o", "pro")
+        await led.sweep_all()  # loads the Function library
+        for i in range(3):
+            swept, r, (b,), ping = await asyncio.gather(
+                led.sweep_all(),
+                led.reserve(Subject("o"), [Charge(M, 10)], idempotency_key=f"s{i}"),
+                led.get_balance(Subject("o"), [M]), led.ping())
+            assert swept == 0
+            assert r.decision is Decision.GRANTED
+            assert b.meter == M
+            assert ping is True
+    finally:
+        await led.aclose()
+        await small.aclose()

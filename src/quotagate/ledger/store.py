@@ -149,6 +149,33 @@ class _Tokens:
 #: one per process (every Ledger draws from it)
 TOKENS = _Tokens()
 
+#: sweeper steps in flight at once where each takes a pooled connection of its own
+SWEEP_IN_FLIGHT = 8
+
+
+def route_fcall_by_its_keys(client: Any) -> None:
+    """Route FCALL on a Redis Cluster client by the keys in its arguments, as redis-py
+    already does for EVALSHA. For FCALL it asks a server instead, with COMMAND GETKEYS,
+    always on the same node: a second round trip for every spend-path call, and in a
+    burst (the sweeper's 256 shards at once) every connection of that one node's pool.
+    An FCALL's keys follow its key count, as EVALSHA's do: ("FCALL", name, numkeys,
+    key, …). Anything else, and an FCALL whose keys span slots, goes to redis-py as
+    before. Installed on the client once (idempotent)."""
+    original = client._determine_slot
+    if getattr(original, "quotagate_fcall", False):
+        return
+
+    async def determine_slot(*args: Any) -> int:
+        if len(args) > 3 and args[0] in ("FCALL", "FCALL_RO"):
+            n = int(args[2])
+            slots = {client.keyslot(k) for k in args[3:3 + n]}
+            if len(slots) == 1:
+                return int(slots.pop())
+        return int(await original(*args))
+
+    determine_slot.quotagate_fcall = True  # type: ignore[attr-defined]
+    client._determine_slot = determine_slot
+
 
 class Ledger:
     """Wallets and holds of every org, kept in Redis by the Lua scripts."""
@@ -163,6 +190,8 @@ class Ledger:
         self.scripts = Scripts(redis, functions=self.opt.functions)
         self._kind = {m: k.value for m, k in catalog.meters.items()}
         self.cluster = isinstance(redis, RedisClusterClient)
+        if self.cluster:
+            route_fcall_by_its_keys(redis)
         self._emeter = {m: escape(m) for m in catalog.meters}
         self.mux: Mux | None = None
         if self.opt.pipeline and not self.cluster:
@@ -378,16 +407,24 @@ class Ledger:
             self.opt.ledger_maxlen, k.prefix(shard)])))
 
     async def sweep_all(self) -> int:
-        """One pass of the sweeper over every shard: one script run per shard, all sent
-        together (on a single Redis, in one write on the pipelined connection). Returns
-        how many holds were looked at."""
+        """One pass of the sweeper over every shard: one script run per shard. On a
+        single Redis they are all sent together, in one write on the pipelined
+        connection. Without it (Redis Cluster, or the pipeline switched off) each script
+        run takes a connection of redis-py's pool for itself, so at most SWEEP_IN_FLIGHT
+        run at once: all 256 together filled a node's pool, and a Reserve, Commit or
+        health probe arriving meanwhile failed at once with MaxConnectionsError
+        (UNAVAILABLE; the health check flapped). Returns how many holds were looked at."""
         k, now = self.keys, self.clock.now_ms()
+        gate = asyncio.Semaphore(SWEEP_IN_FLIGHT if self.mux is None else k.shards)
+
+        async def one(s: int) -> Any:
+            async with gate:
+                return await self._spend("sweep", [k.expiries(s)], [
+                    now, self.opt.sweep_batch, self.opt.retain_ms, self.opt.ledger_maxlen,
+                    k.prefix(s)])
 
         async def run() -> int:
-            counts = await asyncio.gather(*(
-                self._spend("sweep", [k.expiries(s)], [
-                    now, self.opt.sweep_batch, self.opt.retain_ms, self.opt.ledger_maxlen,
-                    k.prefix(s)]) for s in range(k.shards)))
+            counts = await asyncio.gather(*(one(s) for s in range(k.shards)))
             return sum(int(x) for x in counts)
         return await self._call(run())
 
