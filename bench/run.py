@@ -115,7 +115,11 @@ def start_quotagate(redis_url: str, workers: int, pipeline: bool = True,
             WATCH["quotagate"] = [proc.pid]
             import threading
 
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+            # keep reading its log so it never blocks on a full pipe (stop() joins this)
+            drain = threading.Thread(target=lambda: [None for _ in proc.stderr],  # type: ignore[union-attr]
+                                     daemon=True)
+            drain.start()
+            DRAINS[proc.pid] = drain
             return proc, int(m.group(1))
     raise SystemExit("quotagate serve did not start")
 
@@ -178,8 +182,7 @@ CPP_CLIENT = ROOT / "build" / "cgen" / "loadgen"
 def _run_cpp(jobs: list[loadgen.Job]) -> list[dict[str, Any]]:
     """One C++ generator process per job, all at once; each prints loadgen.run's report."""
     env = dict(os.environ)
-    if OWN_GRPC_EXPERIMENTS is None:  # the Python generators' setting: grpcio's, not C++'s
-        env.pop("GRPC_EXPERIMENTS", None)
+    env.pop("GRPC_EXPERIMENTS", None)  # grpcio's experiments: gRPC C++ 1.51 has others
     procs = [subprocess.Popen(
         [str(CPP_CLIENT), "--port", str(j.port), "--scenario", j.scenario,
          "--seconds", str(j.seconds), "--concurrency", str(j.concurrency),
@@ -243,10 +246,19 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
     return result
 
 
+#: pid -> the thread reading that server's log
+DRAINS: dict[int, Any] = {}
+
+
 def stop(proc: subprocess.Popen[str] | None) -> None:
     if proc:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        drain = DRAINS.pop(proc.pid, None)
+        if drain is not None:
+            drain.join(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 #: (port, scenario) -> callers per generator at which its throughput peaked
