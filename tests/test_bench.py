@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +20,10 @@ import redis
 from quotagate.ledger.keys import Keys
 from redis_server import RedisServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import loadgen  # bench/loadgen.py
-import run  # bench/run.py
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import loadgen  # noqa: E402  (bench/loadgen.py)
+import run  # noqa: E402  (bench/run.py)
 
 ORGS, TEAMS, SEATS = 20, 2, 3
 
@@ -38,10 +41,21 @@ def bench_server() -> Iterator[tuple[int, RedisServer]]:
         srv.close()
 
 
-def _args(client: str) -> argparse.Namespace:
-    if client == "cpp" and not run.CPP_CLIENT.exists():
-        pytest.skip("the C++ load generator is not built here (`make bench` builds it "
-                    "where gRPC C++ is installed; `make bench-deps` installs it)")
+@pytest.fixture(scope="module")
+def cpp_client() -> bool:
+    """Build the C++ generator as `make bench` does, where gRPC C++ is installed."""
+    if not run.CPP_CLIENT.exists() and shutil.which("grpc_cpp_plugin") and \
+            subprocess.run(["pkg-config", "--exists", "grpc++"]).returncode == 0:
+        subprocess.run(["make", "--no-print-directory", "-C", str(ROOT),
+                        str(run.CPP_CLIENT.relative_to(ROOT))], check=True,
+                       stdout=subprocess.DEVNULL)
+    return run.CPP_CLIENT.exists()
+
+
+def _args(client: str, cpp: bool) -> argparse.Namespace:
+    if client == "cpp" and not cpp:
+        pytest.skip("no gRPC C++ here to build the C++ load generator with "
+                    "(`make bench-deps` installs it)")
     return argparse.Namespace(orgs=ORGS, teams=TEAMS, seats=SEATS, channels=2, client=client)
 
 
@@ -57,9 +71,10 @@ def _open_holds(srv: RedisServer) -> int:
 @pytest.mark.parametrize("client", ["python", "cpp"])
 @pytest.mark.parametrize("scenario", loadgen.SCENARIOS)
 def test_closed_loop_counts_what_it_sends(bench_server: tuple[int, RedisServer],
-                                          client: str, scenario: str) -> None:
+                                          cpp_client: bool, client: str,
+                                          scenario: str) -> None:
     port, srv = bench_server
-    out = run.drive(port, scenario, 0.5, 1, 4, 0, _args(client))
+    out = run.drive(port, scenario, 0.5, 1, 4, 0, _args(client, cpp_client))
     assert out["errors"] == 0
     assert out["requests_per_s"] > 0
     if scenario == "reserve_commit":
@@ -74,9 +89,9 @@ def test_closed_loop_counts_what_it_sends(bench_server: tuple[int, RedisServer],
 
 @pytest.mark.parametrize("client", ["python", "cpp"])
 def test_open_loop_sends_at_the_rate_asked(bench_server: tuple[int, RedisServer],
-                                           client: str) -> None:
+                                           cpp_client: bool, client: str) -> None:
     port, srv = bench_server
-    out = run.drive(port, "reserve_commit", 1.0, 1, 4, 60, _args(client))
+    out = run.drive(port, "reserve_commit", 1.0, 1, 4, 60, _args(client, cpp_client))
     assert out["errors"] == 0
     assert 55 <= out["requests_per_s"] <= 65  # 60 a second, each started on schedule
     # latency from the scheduled start includes how late the send was; from the send not
