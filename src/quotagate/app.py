@@ -219,7 +219,8 @@ def settle_heap() -> int:
     promoted into the oldest generation and set off a full collection every few seconds,
     which walked all of these too, with the event loop standing still: on the benchmark
     machine, in 17 s of Reserve+Commit, 7-11 full collections per worker, 190-235 ms in
-    all (up to 48 ms at once); frozen, 19 ms in all. Returns how many were frozen."""
+    all (up to 48 ms at once); frozen, 30-40 ms in all, most of it the collection here.
+    Returns how many were frozen."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
