@@ -4,6 +4,7 @@ COMMAND GETKEYS on one fixed node, for every FCALL it cannot place itself)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -46,3 +47,22 @@ async def test_spend_calls_go_straight_to_their_node(redis: Any, ledger: Ledger)
     assert calls["cmdstat_fcall"] == 12  # the 4 calls of each of the 3 orgs
     await ledger.sweep_all()  # the sweeper's steps too
     assert (await _calls(redis)).get("cmdstat_command|getkeys", 0) == 0
+
+
+async def test_a_new_client_used_by_many_calls_at_once_loses_none(
+        redis_server: Any, ledger: Ledger) -> None:
+    """A sidecar whose cluster client has not found the cluster yet (it started while the
+    cluster was down, say) and then takes several calls at once answers all of them:
+    the Ledger lets the first find the cluster while the others wait."""
+    await ledger.upsert_org("o", "pro")
+    for trial in range(20):
+        fresh = aiocluster.RedisCluster.from_url(redis_server.seed_url, max_connections=12)
+        led = Ledger(fresh, ledger.catalog, ledger.clock, ledger.keys)
+        try:
+            results = await asyncio.gather(*(
+                led.reserve(Subject("o"), [Charge(M, 1)], idempotency_key=f"t{trial}-{i}")
+                for i in range(8)), return_exceptions=True)
+            assert [r for r in results if isinstance(r, BaseException)] == []
+        finally:
+            await led.aclose()
+            await fresh.aclose()
