@@ -3,6 +3,7 @@ reflection, SIGTERM draining, and configuration errors that name the variable.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -285,5 +286,135 @@ def test_serve_freezes_its_startup_heap_out_of_the_collector(tmp_path: Path) -> 
                 health_pb2.HealthCheckRequest()).status == \
                 health_pb2.HealthCheckResponse.SERVING
     finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def _client_ports(server_port: int) -> set[int]:
+    """Local ports of the established TCP connections to `server_port` (this network
+    namespace's, so the server's own accepted ends, whose remote port is a client's,
+    are not among them)."""
+    ports = set()
+    for table in ("tcp", "tcp6"):  # gRPC's sockets are dual-stack: v4 shows up in tcp6
+        for line in Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if state == "01" and int(remote.rsplit(":", 1)[1], 16) == server_port:
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.parametrize("grace", ["0", "0.5"])
+def test_old_connections_are_renewed_and_no_call_fails(tmp_path: Path, grace: str) -> None:
+    """The kernel deals connections, not calls, over the workers, once: connections past
+    QUOTAGATE_MAX_CONNECTION_AGE_SECONDS are asked to reconnect (and so dealt again) while
+    every call keeps succeeding. A stream open on an old connection lives on (grace 0) or
+    ends when the grace is up."""
+    proc, port = start_serve(tmp_path, QUOTAGATE_WORKERS="2",
+                             QUOTAGATE_MAX_CONNECTION_AGE_SECONDS="1",
+                             QUOTAGATE_MAX_CONNECTION_AGE_GRACE_SECONDS=grace)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            q = quota_pb2_grpc.QuotaServiceStub(ch)
+            watch = q.WatchStatus(quota_pb2.WatchStatusRequest(org_id="demo"))
+            assert next(watch).assistant_id == "helpdesk-bot"
+            ports: set[int] = set()
+            calls = 0
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                r = q.Reserve(quota_pb2.ReserveRequest(
+                    subject=common_pb2.Subject(org_id="demo"), idempotency_key=f"age{calls}",
+                    charges=[common_pb2.Charge(meter="message_tokens", amount=1)]))
+                assert r.decision == common_pb2.DECISION_GRANTED
+                calls += 1
+                ports |= _client_ports(port)
+                time.sleep(0.01)
+            assert calls > 50
+            assert len(ports) >= 3, ports  # a new connection each second or so
+            if grace == "0":
+                assert watch.is_active()
+                watch.cancel()
+            else:
+                with pytest.raises(grpc.RpcError) as e:
+                    next(watch)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def _serve_children(parent: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and _ppid(int(p.name)) == parent and _is_serve(int(p.name))]
+
+
+def _connections_by_worker(workers: list[int], server_port: int) -> dict[int, int]:
+    """How many established client connections each worker process holds."""
+    inodes: dict[str, int] = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == server_port:
+                inodes[f[9]] = 0
+    held = dict.fromkeys(workers, 0)
+    for pid in workers:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd)
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        held[pid] += 1
+    return held
+
+
+def test_connections_spread_again_after_a_worker_restarts(tmp_path: Path) -> None:
+    """A killed worker's clients reconnect to the survivor before its replacement
+    listens; with connections renewed (here every second) the replacement gets its share
+    back instead of staying idle for as long as those connections last."""
+    proc, port = start_serve(tmp_path, QUOTAGATE_WORKERS="2",
+                             QUOTAGATE_MAX_CONNECTION_AGE_SECONDS="1")
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
+                                      options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(16)]
+    try:
+        stubs = [health_pb2_grpc.HealthStub(ch) for ch in channels]
+
+        def call_all() -> None:
+            for s in stubs:
+                for attempt in range(3):  # a call sent on a killed worker's socket fails
+                    try:
+                        s.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True,
+                                timeout=10)
+                        break
+                    except grpc.RpcError as e:
+                        if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == 2:
+                            raise
+
+        deadline = time.monotonic() + 20
+        while len(first := _serve_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        call_all()
+        os.kill(first[0], signal.SIGKILL)
+        call_all()  # every client is on the survivor now, the replacement not yet up
+        survivor = first[1]
+        held = _connections_by_worker([survivor], port)
+        assert held[survivor] == 16, held
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = _serve_children(proc.pid)
+            if len(now) == 2 and first[0] not in now:
+                break
+            time.sleep(0.1)
+        replacement = next(p for p in now if p != survivor)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            call_all()
+            held = _connections_by_worker([survivor, replacement], port)
+            if held[replacement] >= 3:
+                break
+            time.sleep(0.05)
+        assert held[replacement] >= 3, held
+    finally:
+        for ch in channels:
+            ch.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -94,8 +94,7 @@ class App:
 
         interceptors = [auth.AuthInterceptor(auth.Authorizer(
             keyring, self.redis, self.ledger.keys))] if keyring else None
-        server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 1 if s.reuseport else 0)], interceptors=interceptors)
+        server = grpc.aio.server(options=server_options(s), interceptors=interceptors)
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(self.ledger), server)
         self.sink = open_sink(default_url(s.database_url, s.data_dir))  # no I/O yet
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
@@ -224,6 +223,20 @@ def settle_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def server_options(s: Settings) -> list[tuple[str, int]]:
+    """gRPC core's server arguments. The workers share the port and the kernel gives each
+    new connection to one of them at random, for good: an ageing limit makes clients
+    reconnect now and then, so a bad draw, or the pile-up on the survivors while a
+    worker restarts, does not last."""
+    opts = [("grpc.so_reuseport", 1 if s.reuseport else 0)]
+    if s.max_connection_age_seconds > 0:
+        opts.append(("grpc.max_connection_age_ms", round(s.max_connection_age_seconds * 1000)))
+        if s.max_connection_age_grace_seconds > 0:
+            opts.append(("grpc.max_connection_age_grace_ms",
+                         round(s.max_connection_age_grace_seconds * 1000)))
+    return opts
 
 
 async def serve(settings: Settings) -> None:

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256, description="server processes sharing the port (SO_REUSEPORT); default: the cores")
     grpc_io: Literal["poll", "event_engine"] = Field("poll", description="gRPC core's socket I/O: poll (default) does it on the thread that drains the completion queue, fewer thread hand-offs per RPC; event_engine: gRPC's own thread pool (its default). An explicit GRPC_EXPERIMENTS wins over both")
     reuseport: bool = Field(False, description="set by the worker supervisor: bind with SO_REUSEPORT")
+    max_connection_age_seconds: float = Field(300.0, ge=0, le=86400, description="a client connection older than this (±10 %) is asked to reconnect (HTTP/2 GOAWAY: calls in flight finish, new calls go on a new connection), so the kernel deals connections over the workers again, after a worker restart too; 0: never")
+    max_connection_age_grace_seconds: float = Field(0.0, ge=0, le=86400, description="how long calls still open on such a connection (a WatchStatus stream) may go on before it is closed; 0: until they end")
     low_thresholds: str = Field("80", description="wallet.low fires at these % used (comma separated, e.g. 80,95)")
     # -- events: the notifier (webhooks) ---------------------------------------------------
     webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated http(s) URLs every event is POSTed to (HMAC-signed)")
