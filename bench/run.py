@@ -496,6 +496,14 @@ def cluster_scenario(a: argparse.Namespace) -> dict[str, Any]:
         cluster.close()
 
 
+def _marks(m: dict[str, Any]) -> str:
+    """Flags of a latency measurement: * Redis forked during it (an AOF rewrite, a core
+    of its own for a while), ~ the kernel's deal of connections left one worker with more
+    than 60 % of the work."""
+    share = m.get("worker_cpu_share") or [0.5]
+    return ("*" if m.get("redis_forks") else "") + ("~" if max(share) > 0.6 else "")
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -634,7 +642,7 @@ def main() -> None:
         ratio = sc["ratio_to_ceiling"]
         cpu = sc["saturation"]["cpu_us_per_rpc"]["total"]
         callers = sc.get("callers_per_generator", {}).get(name, "")
-        lat = " | ".join(f"{v['p50_ms']}/{v['p99_ms']}/{v['p999_ms']}"
+        lat = " | ".join(f"{v['p50_ms']}/{v['p99_ms']}/{v['p999_ms']}{_marks(v)}"
                          for v in sc["load"].values()) or sc.get("note", "")
         print(f"{name:<28}{rate:>9}{ratio:>7.2f}{cpu:>8.0f}{sc['cpu_ratio_to_ceiling']:>7.2f}"
               f"{callers:>8}   {lat}")
@@ -652,7 +660,8 @@ def main() -> None:
           "closed-loop callers per generator at which the scenario peaked; from the send: "
           "p50/p99 from when the generator actually sent, and p99 of how late after its "
           "scheduled start it sent: latencies are from the scheduled start, so a late "
-          "generator counts against the server)")
+          "generator counts against the server; * Redis forked (an AOF rewrite) during "
+          "that measurement; ~ one worker did more than 60 % of its work)")
     for name, sc in report["scenarios"].items():
         c = sc["saturation"]["cpu_us_per_rpc"]
         print(f"  {name}: CPU us per RPC " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
