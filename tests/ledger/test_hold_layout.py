@@ -14,7 +14,7 @@ from quotagate.clock import ManualClock
 from quotagate.ledger import wallet
 from quotagate.ledger.model import Charge, Decision, HoldState, Subject
 from quotagate.ledger.store import Ledger
-from quotagate.sync.sink import entry_fields, entry_of
+from quotagate.sync.sink import SPEND_FIELDS, entry_fields, entry_of
 
 M = "message_tokens"
 
@@ -39,11 +39,15 @@ async def test_a_hold_keeps_only_what_cannot_be_derived(redis: Any, ledger: Ledg
     assert hold["st"] == "H" and hold["o"] == "o" and hold["g1"] == "100"
     await ledger.commit(r.reservation_id, [Charge(M, 60)])
 
-    # the spend path's entries are one packed field each
+    # the spend path's entries are one field each, the values alone, in SPEND_FIELDS order
     stream = ledger.keys.ledger(ledger.keys.shard_of("o"))
     rid = r.reservation_id.encode()
-    raw = [f for _, f in await redis.xrange(stream) if rid in f.get(b"e", b"")]
-    assert len(raw) == 2 and all(set(f) == {b"e"} for f in raw)
+    raw = [f for _, f in await redis.xrange(stream) if rid in f.get(b"p", b"")]
+    assert len(raw) == 2 and all(set(f) == {b"p"} for f in raw)
+    values = raw[1][b"p"].decode().split("\n")
+    assert len(values) == len(SPEND_FIELDS)
+    assert dict(zip(SPEND_FIELDS, values, strict=True))["type"] == "commit"
+    assert b"assistant" not in raw[1][b"p"]  # no field names
     # no team, seat, assistant, action, feature or labels: the syncer stores them as ''
     for e in await entries(redis, ledger, "o", r.reservation_id):
         assert not {"team", "seat", "assistant", "action", "feature", "labels"} & set(e)
@@ -166,15 +170,19 @@ async def test_wallets_of_earlier_layouts_still_spend_exactly(
     assert now[b"w"].decode() == EARLIER_WALLETS[form](ints["w"])
 
 
-def test_entries_of_both_forms_make_the_same_row() -> None:
-    """A spend-path entry in one packed field and the same entry with a field each, as
-    earlier builds wrote it, are the same row for the syncer."""
+def test_entries_of_every_form_make_the_same_row() -> None:
+    """A spend-path entry as this build writes it (its values in one field), and the same
+    entry as earlier builds wrote it (names and values in one field; a field each), are
+    the same row for the syncer."""
     one = {"type": "commit", "rid": "r1.ab", "org": "o%20x", "team": "", "seat": "s",
            "assistant": "", "meter": M, "amount": "70", "takes": "Om:5:70", "late": "",
            "action": "", "feature": "chat", "labels": '{"a":"b\\nc"}', "at": "1700000000000"}
+    assert tuple(one) == SPEND_FIELDS
+    values = {b"p": "\n".join(one.values()).encode()}
     packed = {b"e": "\n".join(x for kv in one.items() for x in kv).encode()}
     fields = {k.encode(): v.encode() for k, v in one.items() if v}
-    assert entry_of(3, b"1-0", packed) == entry_of(3, b"1-0", fields)
+    assert entry_of(3, b"1-0", values) == entry_of(3, b"1-0", packed) == \
+        entry_of(3, b"1-0", fields)
     row = entry_of(3, b"1-0", packed)
     assert (row.org, row.seat, row.team, row.amount, row.feature) == ("o x", "s", "", 70,
                                                                       "chat")

@@ -183,12 +183,21 @@ def day_of(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d")
 
 
+#: the values of a spend-path entry's field `p`, in order (lib.lua's spend_entry)
+SPEND_FIELDS = ("type", "rid", "org", "team", "seat", "assistant", "meter", "amount", "takes",
+                "late", "action", "feature", "labels", "at")
+
+
 def entry_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
     """A ledger entry's fields as text. The spend path writes its entries as one field
-    `e` (names and values alternating, newline-separated, empty values kept: lib.lua's
-    ledger_add_packed); other entries, and spend-path entries of earlier builds, have a
-    field each. Either way: the non-empty fields."""
+    `p` (the SPEND_FIELDS values in order, newline-separated, empty values kept: lib.lua's
+    spend_entry); builds before wrote them as field `e` (names and values alternating),
+    and before that a field each, as other entries still are. Any form: the non-empty
+    fields."""
     f = {_text(k): _text(v) for k, v in fields.items()}
+    values = f.pop("p", None)
+    if values is not None:
+        f.update((k, v) for k, v in zip(SPEND_FIELDS, values.split("\n"), strict=False) if v)
     packed = f.pop("e", None)
     if packed is not None:
         parts = packed.split("\n")

@@ -700,24 +700,25 @@ local function ledger_add(stream, maxlen, fields)
   end
 end
 
--- The spend path's entries (reserve, commit, release, expire, extend) are one field, 'e':
--- their field names and values, alternating, joined by newlines ("type\nreserve\nrid\n…"),
--- built by one table.concat.
--- Their values are escaped ids, digits, takes and labels JSON (written by the server with
--- every control character escaped), none of which can hold a newline. One field instead
--- of up to fourteen is that much less work for XADD, the stream's listpack, the AOF and
--- replicas; the syncer (sink.entry_fields) reads both forms. Empty values are kept (the
--- syncer drops them): filtering them here would cost more than their bytes.
+-- The spend path's entries (reserve, commit, release, expire, extend) are one field, 'p':
+-- their fourteen values in a fixed order (sink.SPEND_FIELDS: type, rid, org, team, seat,
+-- assistant, meter, amount, takes, late, action, feature, labels, at), joined by
+-- newlines, built by one table.concat. Values are escaped ids, digits, takes and labels
+-- JSON (written by the server with every control character escaped), none of which can
+-- hold a newline. One field instead of up to fourteen is that much less work for XADD,
+-- the stream's listpack, the AOF and replicas; leaving the names out (earlier builds
+-- wrote them in, alternating with the values, as field 'e') saves another 82 bytes an
+-- entry: a third of what an entry waiting for SQL takes in Redis. The syncer
+-- (sink.entry_fields) reads every form. Empty values are kept (the syncer drops them).
 -- h: the hold, or a table with the same fields (rid, o, te, se, ae, act, feat). Numbers
 -- as I() strings (table.concat would write large ones with an exponent).
 local function spend_entry(stream, maxlen, kind, h, meter, amount, takes, late, labels, now)
-  local e = table.concat({'type', kind, 'rid', h.rid, 'org', h.o, 'team', h.te, 'seat', h.se,
-    'assistant', h.ae, 'meter', meter, 'amount', I(amount), 'takes', takes, 'late', late,
-    'action', h.act, 'feature', h.feat, 'labels', labels, 'at', I(now)}, '\n')
+  local e = table.concat({kind, h.rid, h.o, h.te, h.se, h.ae, meter, I(amount), takes, late,
+    h.act, h.feat, labels, I(now)}, '\n')
   if maxlen > 0 then
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'e', e)
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'p', e)
   else
-    redis.call('XADD', stream, '*', 'e', e)
+    redis.call('XADD', stream, '*', 'p', e)
   end
 end
 
