@@ -8,10 +8,12 @@ import asyncio
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
 
 from conftest import CLUSTER
 from quotagate.ledger.model import Charge, Decision, Subject
+from quotagate.ledger.mux import ClusterMux
 from quotagate.ledger.store import Ledger
 
 pytestmark = pytest.mark.skipif(not CLUSTER, reason="routing on a Redis Cluster")
@@ -66,3 +68,100 @@ async def test_a_new_client_used_by_many_calls_at_once_loses_none(
         finally:
             await led.aclose()
             await fresh.aclose()
+
+
+async def test_the_spend_path_is_pipelined_to_each_primary(redis: Any, ledger: Ledger) -> None:
+    """Concurrent spend calls share one pipelined connection per primary (ClusterMux),
+    each sent to the primary that owns its org's shard."""
+    assert isinstance(ledger.mux, ClusterMux)
+    orgs = [f"p{i}" for i in range(12)]
+    for org in orgs:
+        await ledger.upsert_org(org, "pro")
+    await redis.config_resetstat(target_nodes=PRIMARIES)
+    results = await asyncio.gather(*(
+        ledger.reserve(Subject(org), [Charge(M, 5)], idempotency_key=f"k{i}")
+        for i in range(4) for org in orgs))
+    assert all(r.decision is Decision.GRANTED for r in results)
+    want: dict[str, int] = {}
+    for org in orgs:
+        node = redis.get_node_from_key(ledger.keys.cfg(org))
+        want[node.name] = want.get(node.name, 0) + 4
+    got = {}
+    for node in redis.get_primaries():
+        stats = await redis.info("commandstats", target_nodes=node)
+        got[node.name] = int(stats.get("cmdstat_fcall", {}).get("calls", 0))
+    assert {n: c for n, c in got.items() if c} == want
+    assert len(ledger.mux._muxes) == len(want)  # one connection per primary used
+    # and on each one the calls of concurrent requests leave together
+    node = redis.get_node_from_key(ledger.keys.cfg("p0"))
+    before = (await redis.info("stats", target_nodes=node))["total_reads_processed"]
+    n = 200
+    res = await asyncio.gather(*(ledger.reserve(Subject("p0"), [Charge(M, 1)],
+                                                idempotency_key=f"b{i}") for i in range(n)))
+    assert all(r.decision is Decision.GRANTED for r in res)
+    reads = (await redis.info("stats", target_nodes=node))["total_reads_processed"] - before
+    assert reads < n / 4, reads
+
+
+def _direct(node: Any) -> Any:
+    """A plain client of one node: cluster administration goes to exactly that node."""
+    return aioredis.Redis(host=node.host, port=node.port)
+
+
+async def _start_migration(redis: Any, slot: int, src: Any, dst: Any) -> None:
+    """Redis Cluster's slot migration, the first half: IMPORTING/MIGRATING, then every
+    key of the slot moved to `dst` (MIGRATE)."""
+    async with _direct(src) as s, _direct(dst) as d:
+        src_id, dst_id = (await s.execute_command("CLUSTER MYID")).decode(), \
+            (await d.execute_command("CLUSTER MYID")).decode()
+        await d.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        await s.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := await s.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            await s.execute_command("MIGRATE", dst.host, dst.port, "", 0, 5000, "KEYS", *keys)
+
+
+async def _finish_migration(redis: Any, slot: int, dst: Any) -> None:
+    async with _direct(dst) as d:
+        dst_id = (await d.execute_command("CLUSTER MYID")).decode()
+    for node in redis.get_primaries():
+        async with _direct(node) as c:
+            await c.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+
+
+async def test_calls_follow_a_slot_that_moves(redis: Any, ledger: Ledger) -> None:
+    """A shard's slot migrated to another primary while the sidecar runs: a Commit in the
+    middle of the migration is sent on (ASK), a Reserve that would create keys there
+    answers UNAVAILABLE and changes nothing, and once the slot has moved every call goes
+    to its new owner (MOVED updates the slot map) without an error."""
+    from redis.crc import key_slot
+
+    from quotagate.errors import Unavailable
+
+    await ledger.upsert_org("mv", "pro")
+    held = await ledger.reserve(Subject("mv"), [Charge(M, 100)], idempotency_key="a")
+    cfg = ledger.keys.cfg("mv")
+    slot = key_slot(cfg.encode())
+    src = redis.get_node_from_key(cfg)
+    dst = next(n for n in redis.get_primaries() if n.name != src.name)
+    try:
+        await _start_migration(redis, slot, src, dst)
+        r = await ledger.commit(held.reservation_id, [Charge(M, 60)])  # ASK, then ASKING
+        assert r.amounts[0].amount == 60
+        with pytest.raises(Unavailable):  # new keys mid-migration: TRYAGAIN, three times
+            await ledger.reserve(Subject("mv"), [Charge(M, 10)], idempotency_key="b")
+        await _finish_migration(redis, slot, dst)
+        await redis.config_resetstat(target_nodes=PRIMARIES)
+        for i in range(3):
+            r2 = await ledger.reserve(Subject("mv"), [Charge(M, 10)], idempotency_key=f"c{i}")
+            assert r2.decision is Decision.GRANTED
+            await ledger.commit(r2.reservation_id)
+        stats = await redis.info("commandstats", target_nodes=dst)
+        assert int(stats["cmdstat_fcall"]["calls"]) == 6  # all of them on the new owner
+        old = (await redis.info("commandstats", target_nodes=src)).get("cmdstat_fcall", {})
+        assert int(old.get("rejected_calls", 0)) <= 1  # one MOVED, then the map knew
+        (b,) = await ledger.get_balance(Subject("mv"), [M])
+        assert b.used == 60 + 30 and b.reserved == 0  # the refused Reserve held nothing
+    finally:  # give the slot back (finished first if the test stopped half-way)
+        await _finish_migration(redis, slot, dst)
+        await _start_migration(redis, slot, dst, src)
+        await _finish_migration(redis, slot, src)

@@ -21,7 +21,7 @@ from quotagate.ledger.store import Ledger, LedgerOptions
 from redis_server import RedisServer
 
 pytestmark = pytest.mark.skipif(
-    CLUSTER, reason="the pipelined connection serves single servers; a cluster uses redis-py")
+    CLUSTER, reason="single servers of its own (the cluster form: test_cluster_routing.py)")
 
 M = "message_tokens"
 

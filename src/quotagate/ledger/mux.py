@@ -18,7 +18,8 @@ Each command is still exactly one script run; batching changes how bytes travel,
 what a script sees. Error replies become redis-py's exception classes (NoScriptError,
 BusyLoadingError, ResponseError, …) so scripts.py handles both clients alike (it loads
 a missing script or Function library once and retries).
-Single servers only: on Redis Cluster the spend path stays on redis-py's cluster client.
+On Redis Cluster, ClusterMux keeps one such connection per primary and sends each call
+to the primary of its keys' slot (with TLS the spend path stays on redis-py's client).
 """
 
 from __future__ import annotations
@@ -234,6 +235,19 @@ class Mux:
             conn = await self._connection()
         return await conn.send(pack(args))
 
+    async def execute_after(self, first: tuple[Any, ...], args: tuple[Any, ...]) -> Any:
+        """`first`, then the command `args`, adjacent on the same connection (ASKING must
+        come right before the command it allows); returns the command's reply."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = await self._connection()
+        both: tuple[Any, ...] = await asyncio.gather(
+            conn.send(pack(first)), conn.send(pack(args)), return_exceptions=True)
+        for r in both:
+            if isinstance(r, BaseException):
+                raise r
+        return both[1]
+
     async def aclose(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
@@ -241,3 +255,107 @@ class Mux:
         if self._conn is not None:
             self._conn.fail(redis_errors.ConnectionError("closed"))
             self._conn = None
+
+
+class ClusterMux:
+    """The spend path's connections to a Redis Cluster: one pipelined Mux per primary,
+    each call sent to the primary that owns its first key's slot, read from the cluster
+    client's slot map (a script's keys share one slot: the shard's hash tag).
+
+    Redirections follow the cluster protocol. MOVED (the slot has a new owner: a finished
+    migration or a failover) updates the client's slot map and the call goes to the new
+    owner; ASK (the slot is being migrated and the keys have left) sends ASKING and the
+    call to the named node, back to back on its connection; TRYAGAIN (a multi-key call
+    while some of its keys are mid-migration) waits 50 ms and tries again. At most 3
+    tries in all. A connection that fails (a primary gone) fails its calls as a single
+    Redis's does, and the client then finds the cluster again, once for all callers, so
+    the calls that follow go to whoever owns the slots now."""
+
+    TRIES = 3
+
+    def __init__(self, client: Any, kwargs: dict[str, Any], timeout: float) -> None:
+        self.client = client
+        self.kwargs = kwargs
+        self.timeout = timeout
+        self._muxes: dict[tuple[str, int], Mux] = {}
+        self._refresh: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_client(cls, client: Any, timeout: float | None = None) -> ClusterMux | None:
+        """A ClusterMux beside redis-py cluster client `client`, with its credentials and
+        socket timeout; None where it cannot follow it (TLS)."""
+        from redis.asyncio.connection import Connection
+
+        nm = getattr(client, "nodes_manager", None)
+        if nm is None:
+            return None
+        kw = nm.connection_kwargs
+        if kw.get("connection_class", Connection) is not Connection:
+            return None
+        keep = {k: kw[k] for k in ("username", "password") if kw.get(k) not in (None, "")}
+        return cls(client, keep, float(kw.get("socket_timeout") or timeout or 5.0))
+
+    def _mux(self, host: str, port: int) -> Mux:
+        m = self._muxes.get((host, port))
+        if m is None:
+            m = self._muxes[(host, port)] = Mux({**self.kwargs, "host": host, "port": port},
+                                                self.timeout)
+        return m
+
+    def _owner(self, key: Any) -> tuple[str, int]:
+        from redis.crc import key_slot
+
+        k = key if isinstance(key, bytes) else str(key).encode()
+        node = self.client.nodes_manager.get_node_from_slot(key_slot(k))
+        return node.host, int(node.port)
+
+    def _find_cluster(self) -> None:
+        """Re-read the cluster's layout in the background, once for every caller that
+        saw a failure at the same time."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(self._reinitialize())
+
+    async def _reinitialize(self) -> None:
+        try:
+            await self.client.nodes_manager.initialize()
+        except Exception:  # the next failure tries again
+            return
+        live = {(n.host, int(n.port)) for n in self.client.nodes_manager.nodes_cache.values()}
+        for addr in [a for a in self._muxes if a not in live]:
+            await self._muxes.pop(addr).aclose()
+
+    async def execute(self, *args: Any) -> Any:
+        """Run a script call, `args` = FCALL|EVALSHA, name, number of keys, keys…, argv…
+        (at least one key)."""
+        host, port = self._owner(args[3])
+        asking = False
+        err: Exception | None = None
+        for _ in range(self.TRIES):
+            mux = self._mux(host, port)
+            try:
+                if asking:
+                    return await mux.execute_after(("ASKING",), args)
+                return await mux.execute(*args)
+            except redis_errors.MovedError as e:
+                await self.client.nodes_manager.move_slot(e)
+                host, port, asking = e.host, int(e.port), False
+                err = e
+            except redis_errors.AskError as e:
+                host, port, asking = e.host, int(e.port), True
+                err = e
+            except redis_errors.TryAgainError as e:
+                await asyncio.sleep(0.05)
+                err = e
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError,
+                    redis_errors.ClusterDownError):
+                self._find_cluster()
+                raise
+        assert err is not None
+        raise err
+
+    async def aclose(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+        for m in self._muxes.values():
+            await m.aclose()
+        self._muxes.clear()

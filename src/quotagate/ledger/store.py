@@ -35,7 +35,7 @@ from quotagate.ledger.model import (
     Subject,
     TopUpResult,
 )
-from quotagate.ledger.mux import Mux
+from quotagate.ledger.mux import ClusterMux, Mux
 from quotagate.ledger.scripts import Scripts
 
 T = TypeVar("T")
@@ -194,9 +194,9 @@ class Ledger:
             route_fcall_by_its_keys(redis)
         self._init_lock = asyncio.Lock()
         self._emeter = {m: escape(m) for m in catalog.meters}
-        self.mux: Mux | None = None
-        if self.opt.pipeline and not self.cluster:
-            self.mux = Mux.for_client(redis)
+        self.mux: Mux | ClusterMux | None = None
+        if self.opt.pipeline:
+            self.mux = ClusterMux.for_client(redis) if self.cluster else Mux.for_client(redis)
 
     async def aclose(self) -> None:
         """Close the spend path's own connection (the redis client is the caller's)."""
@@ -243,6 +243,10 @@ class Ledger:
             raise Unavailable("redis connection closed while sending") from e
         except redis_errors.ClusterDownError as e:
             raise Unavailable(f"redis cluster down: {e}") from e
+        except redis_errors.TryAgainError as e:
+            # a call that creates keys in a slot being migrated, after three tries: it
+            # changed nothing, and succeeds once the migration is done
+            raise Unavailable(f"redis cluster slot being migrated: {e}") from e
         except redis_errors.OutOfMemoryError as e:
             # Redis at maxmemory refuses a script before it writes anything
             raise Unavailable(f"redis is out of memory: {e}") from e
