@@ -165,3 +165,68 @@ async def test_calls_follow_a_slot_that_moves(redis: Any, ledger: Ledger) -> Non
         await _finish_migration(redis, slot, dst)
         await _start_migration(redis, slot, dst, src)
         await _finish_migration(redis, slot, src)
+
+
+async def _until(what: Any, seconds: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await what():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_calls_follow_a_failover(clock: Any, cat: Any) -> None:
+    """A primary's replica takes over (CLUSTER FAILOVER) while the sidecar's connection
+    still points at the old primary, now a replica: its next calls are redirected (MOVED)
+    to the new primary, and the hold made before the failover commits there once."""
+    from cluster_server import RedisCluster, cluster_port
+    from quotagate.ledger.keys import Keys
+    from quotagate.ledger.model import Allowance
+    from redis_server import RedisServer
+
+    cluster = RedisCluster().start()
+    replica = RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                          "--cluster-node-timeout", "2000", port=cluster_port()).start()
+    r = aiocluster.RedisCluster.from_url(cluster.seed_url)
+    led = Ledger(r, cat.catalog, clock, Keys(64))
+    rep = aioredis.Redis(port=replica.port)
+    assert isinstance(led.mux, ClusterMux)
+    try:
+        await led.upsert_plan("pro", [Allowance(M, 1_000_000)])
+        await led.upsert_org("fo", "pro")
+        owner = r.get_node_from_key(led.keys.cfg("fo"))
+        async with _direct(owner) as o:
+            owner_id = (await o.execute_command("CLUSTER MYID")).decode()
+        await rep.execute_command("CLUSTER MEET", "127.0.0.1", cluster.nodes[0].port)
+
+        async def knows_owner() -> bool:
+            nodes = await rep.execute_command("CLUSTER NODES")  # parsed: address -> node
+            return any(n.get("node_id") == owner_id for n in nodes.values())
+        await _until(knows_owner)
+        await rep.execute_command("CLUSTER REPLICATE", owner_id)
+
+        async def in_sync() -> bool:
+            return (await rep.info("replication")).get("master_link_status") == "up"
+        await _until(in_sync)
+        held = await led.reserve(Subject("fo"), [Charge(M, 100)], idempotency_key="a")
+        assert held.decision is Decision.GRANTED
+        await rep.execute_command("CLUSTER FAILOVER")
+
+        async def promoted() -> bool:
+            return (await rep.info("replication"))["role"] == "master"
+        await _until(promoted)
+        done = await led.commit(held.reservation_id, [Charge(M, 70)])
+        assert done.amounts[0].amount == 70
+        again = await led.commit(held.reservation_id, [Charge(M, 70)])  # once only
+        assert again.amounts[0].amount == 70
+        r2 = await led.reserve(Subject("fo"), [Charge(M, 10)], idempotency_key="b")
+        assert r2.decision is Decision.GRANTED
+        (b,) = await led.get_balance(Subject("fo"), [M])
+        assert (b.used, b.reserved) == (70, 10)
+        stats = await rep.info("commandstats")
+        assert int(stats["cmdstat_fcall"]["calls"]) >= 3  # on the new primary
+    finally:
+        await led.aclose()
+        await r.aclose()
+        await rep.aclose()
+        replica.close()
+        cluster.close()
