@@ -5,6 +5,8 @@ COMMAND GETKEYS on one fixed node, for every FCALL it cannot place itself)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -174,10 +176,10 @@ async def _until(what: Any, seconds: float = 20) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_calls_follow_a_failover(clock: Any, cat: Any) -> None:
-    """A primary's replica takes over (CLUSTER FAILOVER) while the sidecar's connection
-    still points at the old primary, now a replica: its next calls are redirected (MOVED)
-    to the new primary, and the hold made before the failover commits there once."""
+@contextlib.asynccontextmanager
+async def _replicated(clock: Any, cat: Any, org: str) -> AsyncIterator[Any]:
+    """A cluster of its own in which the primary of `org`'s shard has a replica in sync;
+    yields (ledger, replica client, the primary's RedisServer)."""
     from cluster_server import RedisCluster, cluster_port
     from quotagate.ledger.keys import Keys
     from quotagate.ledger.model import Allowance
@@ -192,8 +194,8 @@ async def test_calls_follow_a_failover(clock: Any, cat: Any) -> None:
     assert isinstance(led.mux, ClusterMux)
     try:
         await led.upsert_plan("pro", [Allowance(M, 1_000_000)])
-        await led.upsert_org("fo", "pro")
-        owner = r.get_node_from_key(led.keys.cfg("fo"))
+        await led.upsert_org(org, "pro")
+        owner = r.get_node_from_key(led.keys.cfg(org))
         async with _direct(owner) as o:
             owner_id = (await o.execute_command("CLUSTER MYID")).decode()
         await rep.execute_command("CLUSTER MEET", "127.0.0.1", cluster.nodes[0].port)
@@ -207,13 +209,30 @@ async def test_calls_follow_a_failover(clock: Any, cat: Any) -> None:
         async def in_sync() -> bool:
             return (await rep.info("replication")).get("master_link_status") == "up"
         await _until(in_sync)
+        yield led, rep, next(n for n in cluster.nodes if n.port == int(owner.port))
+    finally:
+        await led.aclose()
+        await r.aclose()
+        await rep.aclose()
+        replica.close()
+        cluster.close()
+
+
+async def _promoted(rep: Any) -> None:
+    async def master() -> bool:
+        return (await rep.info("replication"))["role"] == "master"
+    await _until(master)
+
+
+async def test_calls_follow_a_failover(clock: Any, cat: Any) -> None:
+    """A primary's replica takes over (CLUSTER FAILOVER) while the sidecar's connection
+    still points at the old primary, now a replica: its next calls are redirected (MOVED)
+    to the new primary, and the hold made before the failover commits there once."""
+    async with _replicated(clock, cat, "fo") as (led, rep, _):
         held = await led.reserve(Subject("fo"), [Charge(M, 100)], idempotency_key="a")
         assert held.decision is Decision.GRANTED
         await rep.execute_command("CLUSTER FAILOVER")
-
-        async def promoted() -> bool:
-            return (await rep.info("replication"))["role"] == "master"
-        await _until(promoted)
+        await _promoted(rep)
         done = await led.commit(held.reservation_id, [Charge(M, 70)])
         assert done.amounts[0].amount == 70
         again = await led.commit(held.reservation_id, [Charge(M, 70)])  # once only
@@ -224,9 +243,34 @@ async def test_calls_follow_a_failover(clock: Any, cat: Any) -> None:
         assert (b.used, b.reserved) == (70, 10)
         stats = await rep.info("commandstats")
         assert int(stats["cmdstat_fcall"]["calls"]) >= 3  # on the new primary
-    finally:
-        await led.aclose()
-        await r.aclose()
-        await rep.aclose()
-        replica.close()
-        cluster.close()
+
+
+async def test_a_lost_primary_is_unavailable_then_its_replica_serves(clock: Any,
+                                                                     cat: Any) -> None:
+    """A primary killed: calls for its shards answer UNAVAILABLE, fast, and change
+    nothing; once the cluster has promoted its replica (node timeout 2 s here) the same
+    worker's calls go there, with no restart, and a retried Reserve holds once."""
+    from quotagate.errors import Unavailable
+
+    async with _replicated(clock, cat, "lp") as (led, rep, primary):
+        await led.reserve(Subject("lp"), [Charge(M, 100)], idempotency_key="warm")
+        async with aioredis.Redis(port=primary.port) as p:
+            assert await p.execute_command("WAIT", 1, 5000) == 1  # the replica has it
+        assert primary.proc is not None
+        primary.proc.kill()
+        primary.proc.wait()
+        t = asyncio.get_running_loop().time()
+        with pytest.raises(Unavailable):
+            await led.reserve(Subject("lp"), [Charge(M, 10)], idempotency_key="retry")
+        assert asyncio.get_running_loop().time() - t < 2  # not a hang
+        await _promoted(rep)
+
+        async def serves() -> bool:
+            try:
+                await led.reserve(Subject("lp"), [Charge(M, 10)], idempotency_key="retry")
+                return True
+            except Unavailable:
+                return False
+        await _until(serves)
+        (b,) = await led.get_balance(Subject("lp"), [M])
+        assert b.reserved == 110  # the warm-up hold and one retried Reserve, not more
