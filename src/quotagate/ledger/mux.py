@@ -306,7 +306,11 @@ class ClusterMux:
         from redis.crc import key_slot
 
         k = key if isinstance(key, bytes) else str(key).encode()
-        node = self.client.nodes_manager.get_node_from_slot(key_slot(k))
+        try:
+            node = self.client.nodes_manager.get_node_from_slot(key_slot(k))
+        except redis_errors.SlotNotCoveredError as e:  # no primary for it right now
+            self._find_cluster()
+            raise redis_errors.ClusterDownError(str(e)) from e
         return node.host, int(node.port)
 
     def _find_cluster(self) -> None:
