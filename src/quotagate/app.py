@@ -85,7 +85,8 @@ class App:
         self.ledger = Ledger(self.redis, cat.catalog, self.clock, Keys(s.shards), LedgerOptions(
             default_ttl_s=s.default_ttl_seconds, max_ttl_s=s.max_ttl_seconds,
             low_thresholds=tuple(int(t) for t in s.low_thresholds.split(",")),
-            ledger_maxlen=s.ledger_maxlen, pipeline=s.redis_pipeline))
+            ledger_maxlen=s.ledger_maxlen, pipeline=s.redis_pipeline,
+            retain_ms=s.retention_seconds * 1000))
         self.health = Health(self.ledger)
         if await self.health.probe():
             await self._apply_catalog(cat)

@@ -43,6 +43,10 @@ T = TypeVar("T")
 DAY_MS = 86_400_000
 
 
+#: how long a Transfer's or Adjust's idempotency record is kept (admin retries come late)
+ADMIN_RETAIN_MS = 30 * DAY_MS
+
+
 @dataclass(frozen=True)
 class LedgerOptions:
     default_ttl_s: int = 300
@@ -606,7 +610,7 @@ class Ledger:
             keys=[k.cfg(org_id), k.bal(org_id, meter), k.idem(org_id, f"{op}:{idempotency_key}"),
                   k.ledger(k.shard_of(org_id))],
             args=[op, self.clock.now_ms(), self._emeter[meter], self._kind[meter], fp,
-                  self.opt.retain_ms * 30, self.opt.ledger_maxlen, *args]))
+                  ADMIN_RETAIN_MS, self.opt.ledger_maxlen, *args]))
         _raise_if_error(reply)
         return bool(_i(reply[1])), tuple(_balance(b) for b in reply[2])
 

@@ -204,7 +204,8 @@ async def main(settings: Any) -> int:
     redis = App(settings).redis_client(settings.redis_url)
     sink = open_sink(default_url(settings.database_url, settings.data_dir))
     try:
-        c = await restore(redis, Keys(settings.shards), sink)
+        c = await restore(redis, Keys(settings.shards), sink,
+                          retain_ms=settings.retention_seconds * 1000)
         print(f"restored {c.keys} hashes ({c.fields} fields); {c.holds} open holds re-armed")
     finally:
         await sink.close()
