@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import urllib.parse
 from typing import Any
 
 import grpc
@@ -22,7 +23,7 @@ from quotagate import catalog as catalog_mod
 from quotagate import telemetry
 from quotagate.clock import Clock, SystemClock
 from quotagate.embedded import EmbeddedRedis
-from quotagate.errors import QuotagateError
+from quotagate.errors import ConfigError, QuotagateError
 from quotagate.events.notifier import Notifier, NotifierOptions
 from quotagate.ledger.keys import Keys
 from quotagate.ledger.model import SeatLimit
@@ -59,16 +60,18 @@ class App:
         self._stopped = asyncio.Event()
 
     def redis_client(self, url: str) -> Any:
-        """A pooled client: `redis+cluster://h1:p1,h2:p2` (or `rediss+cluster://`) is a
+        """A pooled client: `redis+cluster://h1:p1,h2:p2` (or `rediss+cluster://`, with
+        TLS options as in a `rediss://` URL's query: `?ssl_ca_certs=/path/ca.pem`) is a
         Redis Cluster seeded from those nodes; anything else a single server."""
         timeout = self.settings.redis_timeout_ms / 1000
         opts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         scheme, _, rest = url.partition("://")
         if scheme in ("redis+cluster", "rediss+cluster"):
+            where, _, query = rest.partition("?")
             nodes = [ClusterNode(h, int(p)) for h, _, p in
-                     (n.rpartition(":") for n in rest.split("/")[0].split(","))]
+                     (n.rpartition(":") for n in where.split("/")[0].split(","))]
             return RedisCluster(startup_nodes=nodes, ssl=scheme.startswith("rediss"),
-                                max_connections=256, **opts)
+                                max_connections=256, **opts, **cluster_tls_options(query))
         return aioredis.Redis.from_url(url, retry_on_timeout=False, max_connections=256, **opts)
 
     async def start(self) -> App:
@@ -224,6 +227,24 @@ def settle_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+#: TLS options a `rediss+cluster://` URL's query may give, as redis-py names them
+CLUSTER_TLS_OPTIONS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile",
+                       "ssl_cert_reqs", "ssl_check_hostname")
+
+
+def cluster_tls_options(query: str) -> dict[str, Any]:
+    """`ssl_ca_certs=/ca.pem&ssl_check_hostname=false` as redis-py cluster keywords; any
+    other name is a ConfigError naming QUOTAGATE_REDIS_URL."""
+    out: dict[str, Any] = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if name not in CLUSTER_TLS_OPTIONS:
+            raise ConfigError(f"unknown option {name!r} in a cluster URL (known: "
+                              f"{', '.join(CLUSTER_TLS_OPTIONS)})", "QUOTAGATE_REDIS_URL")
+        out[name] = value.lower() not in ("0", "false", "no") \
+            if name == "ssl_check_hostname" else value
+    return out
 
 
 def server_options(s: Settings) -> list[tuple[str, int]]:

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
 
     listen: str = Field("127.0.0.1:50051", description="gRPC address: all services, health, reflection")
-    redis_url: str = Field("", description="redis:// or rediss:// URL; empty: the embedded Redis")
+    redis_url: str = Field("", description="redis://, rediss://, unix:// or redis+cluster://h1:p1,h2:p2 (rediss+cluster:// with ?ssl_ca_certs=…); empty: the embedded Redis")
     database_url: str = Field("", description="postgresql://… or sqlite:///path; empty: SQLite in the data dir")
     data_dir: Path = Field(Path(".quotagate"), description="embedded Redis files and the SQLite file")
     catalog: str = Field("", description="TOML catalog of meters, plans, actions; empty: built-in")
@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     default_ttl_seconds: int = Field(300, ge=1, le=86400, description="hold TTL when a request gives none")
     max_ttl_seconds: int = Field(86400, ge=1, le=86400, description="longest TTL a request may ask for")
     retention_seconds: int = Field(86400, ge=60, le=30 * 86400, description="how long a resolved hold (committed, refunded, expired) and a Reserve's idempotency record stay in Redis: repeats of Commit or Refund, a Refund after Commit, and retries of the Reserve answer within it. About 670 bytes of Redis per Reserve+Commit for that long")
-    redis_pipeline: bool = Field(True, description="spend-path scripts of concurrent requests share one pipelined connection per worker, written once per loop turn (on a cluster one per primary; TLS to a cluster uses the pooled client)")
+    redis_pipeline: bool = Field(True, description="spend-path scripts of concurrent requests share one pipelined connection per worker, written once per loop turn (on a cluster one per primary; TLS too)")
     redis_timeout_ms: int = Field(500, ge=10, le=60000, description="per-command Redis timeout; past it: UNAVAILABLE")
     ledger_maxlen: int = Field(1_000_000, ge=0, le=1_000_000_000, description="cap (approximate) of each shard's ledger stream of entries SQL has not got yet; past it the oldest are trimmed; 0: never trim")
     sweep_interval_ms: int = Field(1000, ge=10, le=600000, description="how often expired holds are swept")

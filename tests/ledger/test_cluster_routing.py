@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
+from tls_files import tls_files
 
 from conftest import CLUSTER
-from quotagate.ledger.model import Charge, Decision, Subject
+from quotagate.ledger.model import Allowance, Charge, Decision, Subject
 from quotagate.ledger.mux import ClusterMux
 from quotagate.ledger.store import Ledger
 
@@ -182,7 +183,6 @@ async def _replicated(clock: Any, cat: Any, org: str) -> AsyncIterator[Any]:
     yields (ledger, replica client, the primary's RedisServer)."""
     from cluster_server import RedisCluster, cluster_port
     from quotagate.ledger.keys import Keys
-    from quotagate.ledger.model import Allowance
     from redis_server import RedisServer
 
     cluster = RedisCluster().start()
@@ -274,3 +274,45 @@ async def test_a_lost_primary_is_unavailable_then_its_replica_serves(clock: Any,
         await _until(serves)
         (b,) = await led.get_balance(Subject("lp"), [M])
         assert b.reserved == 110  # the warm-up hold and one retried Reserve, not more
+
+
+async def test_a_tls_cluster_is_pipelined_too(clock: Any, tmp_path: Any) -> None:
+    """`rediss+cluster://…?ssl_ca_certs=…`: the cluster client and the spend path's
+    connections speak TLS, trusting that CA; the spend path is still one pipelined
+    connection per primary. An option the URL may not carry is a setting error."""
+    from cluster_server import RedisCluster
+    from quotagate.app import App
+    from quotagate.errors import ConfigError
+    from quotagate.settings import Settings
+
+    ca, cert, key = (str(p) for p in tls_files(tmp_path))
+    try:
+        cluster = RedisCluster(tls=(ca, cert, key)).start()
+    except RuntimeError:
+        pytest.skip("this redis-server was built without TLS")
+    try:
+        settings = Settings(listen="127.0.0.1:0", redis_url=f"{cluster.url}/?ssl_ca_certs={ca}",
+                            data_dir=tmp_path, metrics_listen="127.0.0.1:0", shards=64)
+        app = await App(settings, clock=clock).start()
+        try:
+            led = app.ledger
+            assert isinstance(led.mux, ClusterMux) and led.mux.tls is not None
+            await led.upsert_plan("pro", [Allowance(M, 1_000_000)])
+            for org in ("t1", "t2", "t3"):
+                await led.upsert_org(org, "pro")
+            res = await asyncio.gather(*(
+                led.reserve(Subject(org), [Charge(M, 3)], idempotency_key=f"k{i}")
+                for i in range(20) for org in ("t1", "t2", "t3")))
+            assert all(r.decision is Decision.GRANTED for r in res)
+            await asyncio.gather(*(led.commit(r.reservation_id) for r in res))
+            (b,) = await led.get_balance(Subject("t2"), [M])
+            assert (b.used, b.reserved) == (60, 0)
+            assert {a[1] for a in led.mux._muxes} <= set(cluster.tls_ports)
+        finally:
+            await app.stop()
+        with pytest.raises(ConfigError) as e:
+            App(Settings(redis_url=f"{cluster.url}/?ssl_nope=1", data_dir=tmp_path)
+                ).redis_client(f"{cluster.url}/?ssl_nope=1")
+        assert e.value.field == "QUOTAGATE_REDIS_URL"
+    finally:
+        cluster.close()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from tls_files import tls_files
 
 from conftest import CLUSTER
 from quotagate import catalog
@@ -188,3 +190,45 @@ def test_the_c_packer_writes_what_the_python_one_writes(args: tuple[Any, ...]) -
 
     assert mux.pack(args) == mux.pack_py(args) == mux.pack_py(list(args))
     assert mux.pack(args).startswith(b"*%d\r\n" % len(args))
+
+
+async def test_tls_redis_is_pipelined_too(clock: ManualClock, tmp_path: Path) -> None:
+    """`rediss://`: the spend path's connection speaks TLS with the settings redis-py
+    takes from the URL (here its CA), concurrent calls still share writes, and a server
+    whose certificate the CA did not sign is UNAVAILABLE, not trusted."""
+    from redis_server import free_port
+
+    ca, cert, key = tls_files(tmp_path)
+    tls_port = free_port()
+    try:
+        srv = RedisServer("--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+                          "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                          "--tls-auth-clients", "no").start()
+    except RuntimeError:
+        pytest.skip("this redis-server was built without TLS")
+    try:
+        r, led = await open_ledger(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca}", clock)
+        assert led.mux is not None and led.mux.tls is not None
+        plain = aioredis.Redis.from_url(srv.url)
+        before = (await plain.info("stats"))["total_reads_processed"]
+        n = 200
+        res = await asyncio.gather(*(led.reserve(Subject("o"), [Charge(M, 1)],
+                                                 idempotency_key=f"t{i}") for i in range(n)))
+        assert all(x.decision is Decision.GRANTED for x in res)
+        reads = (await plain.info("stats"))["total_reads_processed"] - before
+        assert reads < n / 4, reads
+        # another CA: the certificate is refused, the call fails fast, nothing is held
+        (tmp_path / "other").mkdir()
+        other, _, _ = tls_files(tmp_path / "other")
+        bad = aioredis.Redis.from_url(
+            f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={other}", socket_timeout=1)
+        wrong = Ledger(bad, catalog.load(None).catalog, clock, Keys(8))
+        with pytest.raises(Unavailable):
+            await wrong.reserve(Subject("o"), [Charge(M, 5)], idempotency_key="x")
+        assert await used(led) == (0, n)
+        for c in (plain, bad, r):
+            await c.aclose()
+        await led.aclose()
+        await wrong.aclose()
+    finally:
+        srv.close()

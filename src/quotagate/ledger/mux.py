@@ -19,12 +19,14 @@ what a script sees. Error replies become redis-py's exception classes (NoScriptE
 BusyLoadingError, ResponseError, …) so scripts.py handles both clients alike (it loads
 a missing script or Function library once and retries).
 On Redis Cluster, ClusterMux keeps one such connection per primary and sends each call
-to the primary of its keys' slot (with TLS the spend path stays on redis-py's client).
+to the primary of its keys' slot. `rediss://` (TLS) works either way, with the TLS
+settings redis-py makes of the same URL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +35,15 @@ from typing import Any
 import hiredis
 from redis import exceptions as redis_errors
 from redis._parsers.base import BaseParser
+
+
+def tls_context(kwargs: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS context redis-py itself would use for a connection made with `kwargs` (a
+    pool's or a cluster's connection keywords, `rediss://` options included)."""
+    from redis.asyncio.connection import SSLConnection
+
+    tls = {k: v for k, v in kwargs.items() if k.startswith("ssl_")}
+    return SSLConnection(**tls).ssl_context.get()
 
 
 def _pack_bytes(args: tuple[Any, ...] | list[Any]) -> bytes:
@@ -161,30 +172,37 @@ class Mux:
     """The spend path's connection to a single Redis (see the module docstring).
 
     `kwargs` are redis-py's connection keywords (host/port or path, username, password,
-    db); `timeout` bounds both connecting and each reply."""
+    db); `timeout` bounds both connecting and each reply; `tls`: a TLS context for a
+    `rediss://` server."""
 
-    def __init__(self, kwargs: dict[str, Any], timeout: float) -> None:
+    def __init__(self, kwargs: dict[str, Any], timeout: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.kwargs = kwargs
         self.timeout = timeout
+        self.tls = tls
         self._conn: _Conn | None = None
         self._connecting: asyncio.Task[_Conn] | None = None
 
     @classmethod
     def for_client(cls, client: Any, timeout: float | None = None) -> Mux | None:
         """A Mux to the same server as redis-py client `client`, with its socket timeout
-        (else `timeout`, else 5 s); None where it cannot follow it (TLS, or a connection
-        class it does not know)."""
+        (else `timeout`, else 5 s) and, for `rediss://`, its TLS settings; None where it
+        cannot follow it (a connection class it does not know)."""
         pool = getattr(client, "connection_pool", None)
         if pool is None:
             return None
-        from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+        from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 
-        if pool.connection_class not in (Connection, UnixDomainSocketConnection):
-            return None
         kw = pool.connection_kwargs
+        if pool.connection_class is SSLConnection:
+            tls: ssl.SSLContext | None = tls_context(kw)
+        elif pool.connection_class in (Connection, UnixDomainSocketConnection):
+            tls = None
+        else:
+            return None
         keep = {k: kw[k] for k in ("host", "port", "path", "username", "password", "db")
                 if kw.get(k) not in (None, "")}
-        return cls(keep, float(kw.get("socket_timeout") or timeout or 5.0))
+        return cls(keep, float(kw.get("socket_timeout") or timeout or 5.0), tls)
 
     async def _open(self) -> _Conn:
         loop = asyncio.get_running_loop()
@@ -198,7 +216,7 @@ class Mux:
                 else:
                     _, conn = await loop.create_connection(
                         lambda: _Conn(self.timeout), kw.get("host", "localhost"),
-                        int(kw.get("port", 6379)))
+                        int(kw.get("port", 6379)), ssl=self.tls)
                 if kw.get("password"):
                     await conn.send(pack(("AUTH", kw["username"], kw["password"])
                                          if kw.get("username") else ("AUTH", kw["password"])))
@@ -209,7 +227,7 @@ class Mux:
                 conn.fail(redis_errors.ConnectionError("connection setup failed"))
             if isinstance(e, TimeoutError):
                 raise redis_errors.TimeoutError("timed out connecting to redis") from None
-            if isinstance(e, OSError):
+            if isinstance(e, OSError):  # ssl.SSLError (a certificate refused) is one too
                 raise redis_errors.ConnectionError(f"cannot connect to redis: {e}") from e
             raise
         return conn
@@ -273,33 +291,41 @@ class ClusterMux:
 
     TRIES = 3
 
-    def __init__(self, client: Any, kwargs: dict[str, Any], timeout: float) -> None:
+    def __init__(self, client: Any, kwargs: dict[str, Any], timeout: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.client = client
         self.kwargs = kwargs
         self.timeout = timeout
+        self.tls = tls
         self._muxes: dict[tuple[str, int], Mux] = {}
         self._refresh: asyncio.Task[None] | None = None
 
     @classmethod
     def for_client(cls, client: Any, timeout: float | None = None) -> ClusterMux | None:
-        """A ClusterMux beside redis-py cluster client `client`, with its credentials and
-        socket timeout; None where it cannot follow it (TLS)."""
-        from redis.asyncio.connection import Connection
+        """A ClusterMux beside redis-py cluster client `client`, with its credentials,
+        socket timeout and TLS settings; None where it cannot follow it (a connection
+        class it does not know)."""
+        from redis.asyncio.connection import Connection, SSLConnection
 
         nm = getattr(client, "nodes_manager", None)
         if nm is None:
             return None
         kw = nm.connection_kwargs
-        if kw.get("connection_class", Connection) is not Connection:
+        cls_ = kw.get("connection_class", Connection)
+        if cls_ is SSLConnection:
+            tls: ssl.SSLContext | None = tls_context(kw)
+        elif cls_ is Connection:
+            tls = None
+        else:
             return None
         keep = {k: kw[k] for k in ("username", "password") if kw.get(k) not in (None, "")}
-        return cls(client, keep, float(kw.get("socket_timeout") or timeout or 5.0))
+        return cls(client, keep, float(kw.get("socket_timeout") or timeout or 5.0), tls)
 
     def _mux(self, host: str, port: int) -> Mux:
         m = self._muxes.get((host, port))
         if m is None:
             m = self._muxes[(host, port)] = Mux({**self.kwargs, "host": host, "port": port},
-                                                self.timeout)
+                                                self.timeout, self.tls)
         return m
 
     def _owner(self, key: Any) -> tuple[str, int]:
