@@ -334,9 +334,10 @@ class ClusterMux:
         k = key if isinstance(key, bytes) else str(key).encode()
         try:
             node = self.client.nodes_manager.get_node_from_slot(key_slot(k))
-        except redis_errors.SlotNotCoveredError as e:  # no primary for it right now
+        except (redis_errors.SlotNotCoveredError, KeyError) as e:
+            # no primary for the slot right now, or no slot map yet
             self._find_cluster()
-            raise redis_errors.ClusterDownError(str(e)) from e
+            raise redis_errors.ClusterDownError(f"no primary known for the key: {e}") from e
         return node.host, int(node.port)
 
     def _find_cluster(self) -> None:
