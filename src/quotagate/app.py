@@ -27,6 +27,7 @@ from quotagate.errors import ConfigError, QuotagateError
 from quotagate.events.notifier import Notifier, NotifierOptions
 from quotagate.ledger.keys import Keys
 from quotagate.ledger.model import SeatLimit
+from quotagate.ledger.mux import ClusterMux
 from quotagate.ledger.store import Ledger, LedgerOptions
 from quotagate.server import auth
 from quotagate.server.admin import AdminServicer
@@ -90,6 +91,8 @@ class App:
             low_thresholds=tuple(int(t) for t in s.low_thresholds.split(",")),
             ledger_maxlen=s.ledger_maxlen, pipeline=s.redis_pipeline,
             retain_ms=s.retention_seconds * 1000))
+        if isinstance(self.ledger.mux, ClusterMux):
+            telemetry.watch_cluster(self.ledger.mux)
         self.health = Health(self.ledger)
         if await self.health.probe():
             await self._apply_catalog(cat)

@@ -5,9 +5,12 @@ One MeterProvider per process, exported through a private Prometheus registry.
 Instruments:
 
 - `quotagate.sync.lag.entries` (gauge, attribute `shard`): ledger entries not yet in SQL;
-- `quotagate.sync.lag.seconds` (gauge, attribute `shard`): age of the oldest of them.
+- `quotagate.sync.lag.seconds` (gauge, attribute `shard`): age of the oldest of them;
+- `quotagate.redis.redirects` (counter, attribute `kind`: moved, ask, tryagain): Redis
+  Cluster redirections the spend path followed (a slot migrating or moved, a failover).
 
-Both are observed from the syncers registered with `watch_sync` (their `lag()`).
+The lag gauges are observed from the syncers registered with `watch_sync` (their
+`lag()`), the redirections from the cluster connections registered with `watch_cluster`.
 """
 
 from __future__ import annotations
@@ -31,8 +34,13 @@ class LagSource(Protocol):
     def lag(self) -> dict[int, tuple[int, float]]: ...
 
 
+class RedirectSource(Protocol):
+    redirects: dict[str, int]
+
+
 _lock = threading.Lock()
 _sources: weakref.WeakSet[Any] = weakref.WeakSet()
+_clusters: weakref.WeakSet[Any] = weakref.WeakSet()
 _state: dict[str, Any] = {}
 
 
@@ -42,6 +50,15 @@ def _observe(index: int) -> Any:
             for shard, values in src.lag().items():
                 yield Observation(values[index], {"shard": shard})
     return callback
+
+
+def _redirects(options: CallbackOptions) -> Iterable[Observation]:
+    totals: dict[str, int] = {}
+    for src in list(_clusters):
+        for kind, n in src.redirects.items():
+            totals[kind] = totals.get(kind, 0) + n
+    for kind, n in totals.items():
+        yield Observation(n, {"kind": kind})
 
 
 def _setup() -> CollectorRegistry:
@@ -57,6 +74,10 @@ def _setup() -> CollectorRegistry:
             meter.create_observable_gauge(
                 "quotagate.sync.lag.seconds", callbacks=[_observe(1)], unit="s",
                 description="age of the oldest ledger entry not yet copied to SQL, per shard")
+            meter.create_observable_counter(
+                "quotagate.redis.redirects", callbacks=[_redirects], unit="{redirect}",
+                description="Redis Cluster redirections (MOVED, ASK, TRYAGAIN) the spend "
+                            "path followed")
             _state.update(registry=reg, provider=provider)
         out: CollectorRegistry = _state["registry"]
         return out
@@ -75,6 +96,13 @@ def watch_sync(source: LagSource) -> None:
 
 def unwatch_sync(source: LagSource) -> None:
     _sources.discard(source)
+
+
+def watch_cluster(source: RedirectSource) -> None:
+    """Report `source.redirects` through the redirections counter (until it is garbage
+    collected)."""
+    _setup()
+    _clusters.add(source)
 
 
 @dataclass

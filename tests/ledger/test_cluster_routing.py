@@ -15,6 +15,7 @@ import redis.asyncio.cluster as aiocluster
 from tls_files import tls_files
 
 from conftest import CLUSTER
+from quotagate import telemetry
 from quotagate.ledger.model import Allowance, Charge, Decision, Subject
 from quotagate.ledger.mux import ClusterMux
 from quotagate.ledger.store import Ledger
@@ -162,6 +163,17 @@ async def test_calls_follow_a_slot_that_moves(redis: Any, ledger: Ledger) -> Non
         assert int(stats["cmdstat_fcall"]["calls"]) == 6  # all of them on the new owner
         old = (await redis.info("commandstats", target_nodes=src)).get("cmdstat_fcall", {})
         assert int(old.get("rejected_calls", 0)) <= 1  # one MOVED, then the map knew
+        # the redirections, counted and exported
+        assert isinstance(ledger.mux, ClusterMux)
+        seen = dict(ledger.mux.redirects)
+        # the Commit and the refused Reserve were each sent on once (ASK), the Reserve then
+        # met TRYAGAIN on both of its other tries; after the migration, one MOVED
+        assert seen == {"ask": 2, "tryagain": 2, "moved": 1}, seen
+        telemetry.watch_cluster(ledger.mux)
+        scraped = {s.labels["kind"]: s.value
+                   for m in telemetry.registry().collect() for s in m.samples
+                   if s.name == "quotagate_redis_redirects_total"}
+        assert all(scraped[k] >= v for k, v in seen.items()), scraped
         (b,) = await ledger.get_balance(Subject("mv"), [M])
         assert b.used == 60 + 30 and b.reserved == 0  # the refused Reserve held nothing
     finally:  # give the slot back (finished first if the test stopped half-way)

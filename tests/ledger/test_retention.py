@@ -60,3 +60,12 @@ async def test_the_setting_reaches_the_ledger(redis_server: Any, tmp_path: Path)
         assert app.ledger.opt.retain_ms == 3_600_000
     finally:
         await app.stop()
+
+
+def test_the_syncer_prunes_hold_snapshots_after_the_same_retention() -> None:
+    """SQL keeps a resolved hold's snapshot (for `quotagate restore`) as long as Redis
+    keeps the hold: the syncer's housekeeping cut-off is the same setting."""
+    from quotagate.sync.syncer import SyncOptions
+
+    assert SyncOptions.from_settings(Settings(retention_seconds=7 * 86400)).retain_ms == \
+        7 * 86_400_000

@@ -299,6 +299,8 @@ class ClusterMux:
         self.tls = tls
         self._muxes: dict[tuple[str, int], Mux] = {}
         self._refresh: asyncio.Task[None] | None = None
+        #: redirections followed, by kind (telemetry reports them)
+        self.redirects = {"moved": 0, "ask": 0, "tryagain": 0}
 
     @classmethod
     def for_client(cls, client: Any, timeout: float | None = None) -> ClusterMux | None:
@@ -368,13 +370,16 @@ class ClusterMux:
                     return await mux.execute_after(("ASKING",), args)
                 return await mux.execute(*args)
             except redis_errors.MovedError as e:
+                self.redirects["moved"] += 1
                 await self.client.nodes_manager.move_slot(e)
                 host, port, asking = e.host, int(e.port), False
                 err = e
             except redis_errors.AskError as e:
+                self.redirects["ask"] += 1
                 host, port, asking = e.host, int(e.port), True
                 err = e
             except redis_errors.TryAgainError as e:
+                self.redirects["tryagain"] += 1
                 await asyncio.sleep(0.05)
                 err = e
             except (redis_errors.ConnectionError, redis_errors.TimeoutError,

@@ -58,7 +58,8 @@ class SyncOptions:
     @classmethod
     def from_settings(cls, s: Any) -> SyncOptions:
         return cls(batch_size=s.sync_batch_size, poll_ms=s.sync_poll_ms,
-                   claim_idle_ms=s.sync_claim_idle_ms, consumer=s.sync_consumer)
+                   claim_idle_ms=s.sync_claim_idle_ms, consumer=s.sync_consumer,
+                   retain_ms=s.retention_seconds * 1000)
 
 
 @dataclass
