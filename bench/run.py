@@ -482,7 +482,8 @@ async def scale(url: str) -> dict[str, Any]:
             "plain_hmget_ratio_1m_to_1k": round(large_ctl / small_ctl, 3),
             "bytes_per_org_3_teams_20_seats": mem,
             "note": "Redis-side FCALL time per Reserve (commandstats, median of 3 runs of "
-                    "10,000), every org's wallet touched once beforehand at both sizes; "
+                    "10,000), every org's wallet touched once beforehand at both sizes, "
+                    "each run from empty expiry indexes and ledger streams; "
                     "plain_hmget: the same orgs' configuration read by a bare HMGET, Redis's "
                     "own change with the keyspace; memory: MEMORY USAGE "
                     "of every key of the org (configuration, each meter's balances, purchases, "
