@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -29,8 +30,9 @@ from quotagate.ledger.keys import Keys
 from quotagate.ledger.model import SeatLimit
 from quotagate.ledger.mux import ClusterMux
 from quotagate.ledger.store import Ledger, LedgerOptions
-from quotagate.server import auth
+from quotagate.server import auth, envoy_rls
 from quotagate.server.admin import AdminServicer
+from quotagate.server.envoy_rls import RateLimitServicer
 from quotagate.server.health import Health
 from quotagate.server.quota import QuotaServicer
 from quotagate.settings import Settings
@@ -107,7 +109,10 @@ class App:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(self.ledger, usage=self.sink), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(self.ledger),
+                                                            server)
         reflection.enable_server_reflection((
+            envoy_rls.SERVICE,
             quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -427,3 +427,36 @@ async def test_tls_settings_are_checked(redis_server: RedisServer, pki: Pki) -> 
             await App(Settings(listen="127.0.0.1:0", redis_url=redis_server.url,
                                **kw)).start()  # type: ignore[arg-type]
         assert e.value.field == var
+
+
+# -- Envoy's rate-limit service ------------------------------------------------------------
+def rls_request(*orgs: str) -> Any:
+    from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+    from envoy.service.ratelimit.v3 import rls_pb2
+
+    return rls_pb2.RateLimitRequest(domain="ai", hits_addend=3, descriptors=[
+        ratelimit_pb2.RateLimitDescriptor(entries=[
+            ratelimit_pb2.RateLimitDescriptor.Entry(key="org_id", value=o)]) for o in orgs])
+
+
+async def test_envoy_rate_limit_needs_a_key_for_every_descriptors_org(secure: Secure) -> None:
+    from envoy.service.ratelimit.v3 import rls_pb2_grpc
+
+    rls = rls_pb2_grpc.RateLimitServiceStub(secure.channel)
+    assert await code_of(rls.ShouldRateLimit(rls_request("acme"))) is \
+        grpc.StatusCode.UNAUTHENTICATED
+    # a runtime key is enough, for its own org
+    assert await code_of(rls.ShouldRateLimit(rls_request("acme"),
+                                             metadata=auth("runtime_acme"))) is \
+        grpc.StatusCode.OK
+    # one descriptor of another org and the whole call is refused, nothing charged
+    assert await code_of(rls.ShouldRateLimit(rls_request("acme", "beta"),
+                                             metadata=auth("runtime_acme"))) is \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert await code_of(rls.ShouldRateLimit(rls_request("acme", "beta"),
+                                             metadata=auth("admin_all"))) is \
+        grpc.StatusCode.OK
+    assert secure.app.ledger is not None
+    used = {o: (await secure.app.ledger.get_balance(Subject(o), [M]))[0].used
+            for o in ("acme", "beta")}
+    assert used == {"acme": 6, "beta": 3}

@@ -89,6 +89,16 @@ class CheckResult(NamedTuple):
     balances: tuple[MeterBalance, ...]
 
 
+class ChargeResult(NamedTuple):
+    """Answer of Ledger.charge_now: granted and charged at once, or denied (nothing)."""
+
+    decision: Decision
+    reason: DenyReason
+    silent: bool
+    charged: tuple[Charge, ...]
+    balances: tuple[MeterBalance, ...]
+
+
 class HoldResult(NamedTuple):
     """Answer of Commit (`amounts` = charged) and Refund (`amounts` = refunded)."""
 

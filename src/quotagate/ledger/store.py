@@ -22,6 +22,7 @@ from quotagate.ledger.model import (
     Allowance,
     Catalog,
     Charge,
+    ChargeResult,
     CheckResult,
     Decision,
     DenyReason,
@@ -42,6 +43,10 @@ T = TypeVar("T")
 
 DAY_MS = 86_400_000
 
+
+#: TTL of the hold behind Ledger.charge_now: it lives for the one round trip between its
+#: Reserve and Commit, and expires this soon when the Commit is lost
+CHARGE_HOLD_TTL_MS = 30_000
 
 #: how long a Transfer's or Adjust's idempotency record is kept (admin retries come late)
 ADMIN_RETAIN_MS = 30 * DAY_MS
@@ -91,6 +96,12 @@ def _flat_charges(reply: Sequence[Any], i: int) -> tuple[tuple[Charge, ...], int
 def _flat_balances(reply: Sequence[Any], i: int) -> tuple[MeterBalance, ...]:
     """A flat reply's list of balances at `i` (count, then 13 figures each)."""
     return tuple(_balance(reply[j:j + 13]) for j in range(i + 1, i + 1 + 13 * int(reply[i]), 13))
+
+
+def _hold_result(reply: Sequence[Any]) -> HoldResult:
+    """A Commit's or Refund's flat reply: state, amounts, balances."""
+    amounts, at = _flat_charges(reply, 2)
+    return HoldResult(_HOLD_STATE[reply[1]], amounts, _flat_balances(reply, at))
 
 
 #: the scripts' codes (bytes, as replies carry them) -> enum members: a dict lookup
@@ -313,14 +324,14 @@ class Ledger:
         return CheckResult(_decision(reply[1]) is Decision.GRANTED, _reason(reply[2]),
                            reply[3] == 1, _flat_balances(reply, 8))
 
-    async def _run_reserve(self, mode: str, s: Subject, items: Sequence[Charge], feature: str,
-                           action: str, labels: str, ttl_ms: int, allow_partial: bool,
-                           idem: str, fingerprint: str) -> Any:
+    def _run_reserve(self, mode: str, s: Subject, items: Sequence[Charge], feature: str,
+                     action: str, labels: str, ttl_ms: int, allow_partial: bool,
+                     idem: str, fingerprint: str, rid: str = "") -> Awaitable[Any]:
         k = self.keys
         shard, pre, org_e = k.org_parts(s.org_id)
         cfg = cfg_key(pre, org_e)
         if mode == "R":
-            rid = f"r{shard}.{TOKENS.next()}"  # Keys.reservation_id
+            rid = rid or self.new_reservation_id(shard)
             keys = [cfg, idem_key(pre, org_e, escape(idem)), hold_key(pre, rid),
                     k.expiries(shard), k.ledger(shard)]
         else:
@@ -335,7 +346,11 @@ class Ledger:
             em = self._emeter[c.meter]
             keys.append(bal_key(pre, org_e, em))
             argv += [em, self._kind[c.meter], c.amount]
-        return await self._call(self._spend("reserve", keys, argv))
+        return self._call(self._spend("reserve", keys, argv))
+
+    @staticmethod
+    def new_reservation_id(shard: int) -> str:
+        return f"r{shard}.{TOKENS.next()}"  # Keys.reservation_id
 
     def _hold_key(self, reservation_id: str) -> str:
         if not reservation_id:
@@ -362,12 +377,56 @@ class Ledger:
         items = validate.charges(self.catalog, actual, "actual", allow_zero=True,
                                  required=False)
         lbl = json.dumps(dict(sorted(labels.items())), separators=(",", ":")) if labels else ""
-        reply = await self._call(self._spend("commit", keys=[key], args=[
-            self.clock.now_ms(), self.opt.retain_ms, self.opt.ledger_maxlen, lbl,
-            *self._amounts(items or None)]))
+        reply = await self._commit_call(key, lbl, items or None)
         _raise_if_error(reply)
-        amounts, at = _flat_charges(reply, 2)
-        return HoldResult(_HOLD_STATE[reply[1]], amounts, _flat_balances(reply, at))
+        return _hold_result(reply)
+
+    def _commit_call(self, key: str, lbl: str, items: Sequence[Charge] | None) -> Awaitable[Any]:
+        return self._call(self._spend("commit", keys=[key], args=[
+            self.clock.now_ms(), self.opt.retain_ms, self.opt.ledger_maxlen, lbl,
+            *self._amounts(items)]))
+
+    async def charge_now(self, subject: Subject, charges: Sequence[Charge], *,
+                         action: str = "", feature: str = "") -> ChargeResult:
+        """Reserve and Commit in one go (Envoy's rate-limit calls): when every charge
+        fits, exactly `charges` are charged and nothing stays held; otherwise nothing
+        changes. `action` is recorded with the usage (the caller prices it). On the
+        pipelined path the Reserve and its Commit go out back to back, one round trip:
+        the reservation id is chosen here, so the Commit need not wait for the Reserve's
+        answer. Should the Commit reach Redis first (a reconnect in between), it finds no
+        hold and changes nothing, and it is sent again. Should the Commit be lost after
+        the grant (Redis gone in between), the call answers UNAVAILABLE and the hold
+        expires after CHARGE_HOLD_TTL_MS, charging nothing."""
+        validate.subject(subject)
+        items = validate.charges(self.catalog, charges, "charges")
+        validate.ident(action, "action", required=False)
+        validate.ident(feature, "feature", required=False)
+        shard = self.keys.org_parts(subject.org_id)[0]
+        rid = self.new_reservation_id(shard)
+        key = self.keys.hold(rid)
+        reserve = self._run_reserve("R", subject, items, feature, action, "",
+                                    CHARGE_HOLD_TTL_MS, False, rid, rid, rid=rid)
+        if self.mux is None:
+            r_reply: Any = await reserve
+            c_reply: Any = None
+        else:
+            both = await asyncio.gather(reserve, self._commit_call(key, "", None),
+                                        return_exceptions=True)
+            r_reply, c_reply = both
+            if isinstance(r_reply, BaseException):
+                raise r_reply
+        _raise_if_error(r_reply)
+        decision, reason, silent = _decision(r_reply[1]), _reason(r_reply[2]), r_reply[3] == 1
+        if decision is not Decision.GRANTED:
+            return ChargeResult(decision, reason, silent, (), _flat_balances(
+                r_reply, _flat_charges(r_reply, 7)[1]))
+        if isinstance(c_reply, BaseException):
+            raise c_reply
+        if c_reply is None or (_s(c_reply[0]) == "ERR" and _s(c_reply[1]) == "NOT_FOUND"):
+            c_reply = await self._commit_call(key, "", None)  # it came before its hold
+        _raise_if_error(c_reply)
+        held = _hold_result(c_reply)
+        return ChargeResult(decision, reason, silent, held.amounts, held.balances)
 
     async def refund(self, reservation_id: str, amount: Iterable[Charge] = (),
                      reason: str = "") -> HoldResult:

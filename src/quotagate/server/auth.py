@@ -29,6 +29,8 @@ Rules:
   which has no org, needs ``org = "*"``); a ``team_lead`` may call UpsertSeat for its
   own team only (``team_id`` = the key's team, and a seat that exists must already be in
   that team, so it cannot pull a seat over from another team).
+- Envoy's ``RateLimitService``: any role, with the ``org_id`` entry of every descriptor
+  in the key's scope (Envoy sends the key as ``initial_metadata`` of its gRPC service).
 - Any other service: an ``admin`` key scoped to ``"*"``.
 
 No or unknown key: UNAUTHENTICATED. A known key that may not do this: PERMISSION_DENIED.
@@ -69,6 +71,7 @@ OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
         "/grpc.reflection.v1.ServerReflection/")
 QUOTA = "/quotagate.v1.QuotaService/"
 ADMIN = "/quotagate.v1.AdminService/"
+RLS = "/envoy.service.ratelimit.v3.RateLimitService/"
 BY_RESERVATION = frozenset({"Commit", "Refund", "Extend"})
 RID_CACHE = 100_000
 
@@ -284,6 +287,11 @@ class Authorizer:
                 return
             raise PermissionDenied(f"{name} needs an admin API key (key {key.name!r} is "
                                    f"{key.role})")
+        if service == RLS:
+            for i, d in enumerate(request.descriptors):
+                org = next((e.value for e in d.entries if e.key == "org_id"), "")
+                self._scope(key, org, f"descriptors[{i}].org_id")
+            return
         if not (key.role == "admin" and key.org == "*"):
             raise PermissionDenied(f"{method} needs an admin key scoped to \"*\"")
 
