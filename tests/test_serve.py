@@ -73,6 +73,7 @@ def test_serve_embedded_health_reflection_and_sigterm(tmp_path: Path) -> None:
                 reflection_pb2.ServerReflectionRequest(list_services="")]))))
             names = {s.name for s in answer.list_services_response.service}
             assert {"quotagate.v1.QuotaService", "quotagate.v1.AdminService",
+                    "envoy.service.ratelimit.v3.RateLimitService",
                     "grpc.health.v1.Health"} <= names
             # The demo org of the example catalog answers right away.
             q = quota_pb2_grpc.QuotaServiceStub(ch)
@@ -347,13 +348,15 @@ def _serve_children(parent: int) -> list[int]:
             and _ppid(int(p.name)) == parent and _is_serve(int(p.name))]
 
 
-def _connections_by_worker(workers: list[int], server_port: int) -> dict[int, int]:
-    """How many established client connections each worker process holds."""
+def _connections_by_worker(workers: list[int], server_port: int,
+                           state: str = "01") -> dict[int, int]:
+    """How many established client connections (state "0A": listening sockets) each
+    worker process holds."""
     inodes: dict[str, int] = {}
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
             f = line.split()
-            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == server_port:
+            if f[3] == state and int(f[1].rsplit(":", 1)[1], 16) == server_port:
                 inodes[f[9]] = 0
     held = dict.fromkeys(workers, 0)
     for pid in workers:
@@ -416,5 +419,81 @@ def test_connections_spread_again_after_a_worker_restarts(tmp_path: Path) -> Non
     finally:
         for ch in channels:
             ch.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def _worker_index(pid: int) -> str:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(e.split(b"=", 1)[1].decode() for e in env
+                if e.startswith(b"QUOTAGATE_WORKER_INDEX="))
+
+
+def _reserves_counted(metrics_port: int) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
+    return sum(s.value for fam in text_string_to_metric_families(text.decode())
+               for s in fam.samples if s.name == "quotagate_rpc_requests_total"
+               and s.labels["method"] == "Reserve" and s.labels["code"] == "OK")
+
+
+def test_metrics_add_up_every_worker_and_survive_a_restart(tmp_path: Path) -> None:
+    """One /metrics for the whole server: worker 0 serves it and adds up every worker's
+    counters; a worker killed and restarted goes on from its count."""
+    from redis_server import free_port
+
+    metrics = free_port()
+    proc, port = start_serve(tmp_path, QUOTAGATE_WORKERS="2",
+                             QUOTAGATE_METRICS_LISTEN=f"127.0.0.1:{metrics}")
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
+                                      options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(16)]
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # both workers listening
+            workers = _serve_children(proc.pid)
+            if len(workers) == 2 and \
+                    min(_connections_by_worker(workers, port, "0A").values()) > 0:
+                break
+            time.sleep(0.1)
+        n = 0
+
+        def reserve_on_every_channel() -> None:
+            nonlocal n
+            for c in channels:
+                n += 1
+                r = quota_pb2_grpc.QuotaServiceStub(c).Reserve(quota_pb2.ReserveRequest(
+                    subject=common_pb2.Subject(org_id="demo"), idempotency_key=f"m{n}",
+                    charges=[common_pb2.Charge(meter="message_tokens", amount=1)]),
+                    wait_for_ready=True, timeout=10)
+                assert r.decision == common_pb2.DECISION_GRANTED
+
+        reserve_on_every_channel()
+        reserve_on_every_channel()
+        # both workers served some (16 connections: all on one worker is 1 in 32,768)
+        assert min(_connections_by_worker(workers, port).values()) > 0
+        assert _reserves_counted(metrics) == 32
+        one = next(p for p in workers if _worker_index(p) == "1")
+        os.kill(one, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = _serve_children(proc.pid)
+            if len(now) == 2 and one not in now:
+                break
+            time.sleep(0.1)
+        assert _reserves_counted(metrics) == 32  # the killed worker's count is kept
+        for c in channels:  # connections to the killed worker are gone: new ones
+            c.close()
+        channels[:] = [grpc.insecure_channel(f"127.0.0.1:{port}",
+                                             options=[("grpc.use_local_subchannel_pool", 1)])
+                       for _ in range(16)]
+        reserve_on_every_channel()
+        assert _reserves_counted(metrics) == 48
+    finally:
+        for c in channels:
+            c.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -39,6 +39,7 @@ from quotagate.settings import Settings
 from quotagate.sync.sink import Sink, default_url, open_sink
 from quotagate.sync.syncer import Syncer, SyncOptions
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
+from quotagate.workers import INDEX_VAR, STATS_DIR_VAR
 
 log = logging.getLogger("quotagate")
 
@@ -83,6 +84,9 @@ class App:
         credentials = auth.server_credentials(s)
         notify = NotifierOptions.from_settings(s) if s.notify_in_process else None
         cat = catalog_mod.load(s.catalog)
+        stats_dir = os.environ.get(STATS_DIR_VAR)
+        if stats_dir and not telemetry.RPC.directory:  # a worker of `serve --workers N`
+            telemetry.RPC.attach(stats_dir, os.environ.get(INDEX_VAR, "0"))
         url = s.redis_url
         if not url:
             self.embedded = EmbeddedRedis(s.data_dir)
@@ -176,7 +180,9 @@ class App:
                 self.health.sync_lag = self.syncer.lag
                 self.health.sync_alert_seconds = s.sync_lag_alert_seconds
             self._tasks.append(asyncio.create_task(self.syncer.run(), name="syncer"))
-        self.metrics = telemetry.start_metrics_server(s.metrics_listen)
+        # one /metrics per server: with --workers, worker 0's, adding up every worker
+        if os.environ.get(INDEX_VAR, "0") == "0":
+            self.metrics = telemetry.start_metrics_server(s.metrics_listen)
 
     async def _sweeper(self) -> None:
         assert self.ledger is not None

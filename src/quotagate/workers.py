@@ -1,17 +1,20 @@
 """`quotagate serve --workers N`: N server processes sharing one port (SO_REUSEPORT), each
 with its own event loop and Redis pool. The parent is a small supervisor: it starts the
 embedded Redis once (shared by all workers), picks the port when asked for port 0, runs
-the background duties (sync, notify) in worker 0 only, restarts a worker that dies, and
-on SIGTERM/SIGINT stops them all (each drains) before stopping the embedded Redis."""
+the background duties (sync, notify) and the metrics endpoint in worker 0 only, restarts
+a worker that dies, and on SIGTERM/SIGINT stops them all (each drains) before stopping
+the embedded Redis."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from quotagate import catalog
@@ -19,6 +22,11 @@ from quotagate.embedded import EmbeddedRedis
 from quotagate.settings import Settings
 
 log = logging.getLogger("quotagate.workers")
+
+#: set for each worker: its index (0 runs the syncer, the notifier and /metrics)
+INDEX_VAR = "QUOTAGATE_WORKER_INDEX"
+#: set for each worker: where the workers keep their RPC counters (telemetry.RpcStats)
+STATS_DIR_VAR = "QUOTAGATE_WORKER_STATS_DIR"
 
 
 def _die_with_parent() -> None:
@@ -51,11 +59,13 @@ def run_workers(settings: Settings, workers: int) -> int:
         embedded = EmbeddedRedis(settings.data_dir)
         redis_url = embedded.start()
     listen = _resolve_port(settings.listen)
+    # the workers' RPC counters, one file each, summed by worker 0's /metrics
+    stats_dir = tempfile.mkdtemp(prefix="quotagate-stats-")
     base = {**os.environ, "QUOTAGATE_LISTEN": listen, "QUOTAGATE_REDIS_URL": redis_url,
-            "QUOTAGATE_REUSEPORT": "true"}
+            "QUOTAGATE_REUSEPORT": "true", STATS_DIR_VAR: stats_dir}
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
-        env = {**base, "QUOTAGATE_WORKER_INDEX": str(i)}
+        env = {**base, INDEX_VAR: str(i)}
         if i > 0:  # one syncer and one notifier are enough; every worker serves and sweeps
             env["QUOTAGATE_SYNC_IN_PROCESS"] = "false"
             env["QUOTAGATE_NOTIFY_IN_PROCESS"] = "false"
@@ -103,4 +113,5 @@ def run_workers(settings: Settings, workers: int) -> int:
         import asyncio
 
         asyncio.run(embedded.stop())
+    shutil.rmtree(stats_dir, ignore_errors=True)
     return code

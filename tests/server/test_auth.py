@@ -460,3 +460,22 @@ async def test_envoy_rate_limit_needs_a_key_for_every_descriptors_org(secure: Se
     used = {o: (await secure.app.ledger.get_balance(Subject(o), [M]))[0].used
             for o in ("acme", "beta")}
     assert used == {"acme": 6, "beta": 3}
+
+
+async def test_refused_calls_are_counted(secure: Secure) -> None:
+    """A refusal happens before the handler runs; /metrics counts it all the same (read
+    here from the registry the endpoint serves)."""
+    from quotagate import telemetry
+
+    reg = telemetry.registry()
+
+    def n(code: str) -> float:
+        return reg.get_sample_value("quotagate_rpc_requests_total", {
+            "service": "quotagate.v1.QuotaService", "method": "Reserve", "code": code}) or 0.0
+
+    before = {c: n(c) for c in ("UNAUTHENTICATED", "PERMISSION_DENIED", "OK")}
+    await code_of(secure.quota.Reserve(reserve("acme")))
+    await code_of(secure.quota.Reserve(reserve("beta"), metadata=auth("runtime_acme")))
+    await code_of(secure.quota.Reserve(reserve("acme"), metadata=auth("runtime_acme")))
+    assert {c: n(c) - v for c, v in before.items()} == {
+        "UNAUTHENTICATED": 1, "PERMISSION_DENIED": 1, "OK": 1}

@@ -25,6 +25,8 @@ def _flag(request: Any, name: str) -> bool:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+
     def __init__(self, ledger: Ledger, usage: Sink | None = None) -> None:
         self.ledger = ledger
         self.usage = usage  # the SQL store ListUsage reads (quotagate.sync)

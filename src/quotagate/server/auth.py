@@ -52,6 +52,7 @@ from typing import Any
 
 import grpc
 
+from quotagate import telemetry
 from quotagate.errors import (
     ConfigError,
     InvalidArgument,
@@ -354,7 +355,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             await self.auth.authorize(key, method, request)
         except QuotagateError as e:
             log.debug("auth: %s refused: %s", method, e)
-            await context.abort_with_status(to_status(e))
+            status = to_status(e)
+            telemetry.refused(method, status.code)
+            await context.abort_with_status(status)
 
     def _unary_unary(self, inner: Handler, method: str, metadata: Any) -> Handler:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from quotagate import telemetry
 from quotagate.errors import InvalidArgument
 from quotagate.ledger import validate
 from quotagate.ledger.model import Charge, ChargeResult, Decision, MeterBalance, MeterKind, Subject
@@ -49,6 +50,7 @@ from quotagate.server.status import translated
 SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 ENTRY_KEYS = ("org_id", "team_id", "seat_id", "assistant_id", "meter", "action", "feature")
 UINT32_MAX = 2**32 - 1
+_METHOD = telemetry.method_index(f"/{SERVICE}/ShouldRateLimit")
 
 Response = rls_pb2.RateLimitResponse
 OK, OVER_LIMIT = Response.OK, Response.OVER_LIMIT
@@ -71,6 +73,8 @@ def _clamp(n: int) -> int:
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
+    SERVICE = SERVICE
+
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
@@ -143,6 +147,8 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         asks = [self._ask(i, d, hits) for i, d in enumerate(request.descriptors)]
         results = await asyncio.gather(*(self._run(a) for a in asks))
         now = self.ledger.clock.now_ms()
+        for r in results:
+            telemetry.RPC.decided(_METHOD, r.decision is Decision.GRANTED, r.reason)
         out = Response(overall_code=OK, statuses=[self._status(r, now) for r in results])
         denied = [r for r in results if r.decision is not Decision.GRANTED]
         if denied:

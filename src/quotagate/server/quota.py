@@ -6,13 +6,22 @@ from collections.abc import AsyncIterator, Mapping
 
 import grpc
 
+from quotagate import telemetry
+from quotagate.ledger.model import Decision
 from quotagate.ledger.store import Ledger
 from quotagate.server import convert as cv
 from quotagate.server.status import translated
 from quotagate.v1 import common_pb2, quota_pb2, quota_pb2_grpc
 
+SERVICE = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
+_RESERVE, _CHECK, _EXTEND = (telemetry.method_index(f"/{SERVICE}/{m}")
+                             for m in ("Reserve", "Check", "Extend"))
+_GRANTED = Decision.GRANTED
+
 
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
+    SERVICE = SERVICE
+
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
@@ -25,6 +34,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             feature=request.feature, ttl_seconds=request.ttl_seconds,
             allow_partial=request.allow_partial,
             labels=dict(request.labels) if request.labels else None)
+        telemetry.RPC.decided(_RESERVE, r.decision is _GRANTED, r.reason)
         out = quota_pb2.ReserveResponse(
             decision=cv.DECISION[r.decision], reason=cv.REASON[r.reason], silent=r.silent,
             reservation_id=r.reservation_id, expires_at=cv.ts(r.expires_at_ms))
@@ -57,6 +67,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
                      context: grpc.aio.ServicerContext) -> quota_pb2.ExtendResponse:
         r = await self.ledger.extend(request.reservation_id, cv.charges(request.additional),
                                      request.ttl_seconds)
+        telemetry.RPC.decided(_EXTEND, r.decision is _GRANTED, r.reason)
         return quota_pb2.ExtendResponse(decision=cv.DECISION[r.decision],
                                         reason=cv.REASON[r.reason],
                                         granted=cv.charges_pb(r.granted),
@@ -66,6 +77,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def Check(self, request: quota_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> quota_pb2.CheckResponse:
         r = await self.ledger.check(cv.subject(request.subject), request.meter, request.feature)
+        telemetry.RPC.decided(_CHECK, r.active, r.reason)
         out = quota_pb2.CheckResponse(active=r.active, reason=cv.REASON[r.reason],
                                       silent=r.silent)
         cv.add_balances(out.balances, r.balances)

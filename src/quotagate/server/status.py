@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -11,7 +12,7 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from quotagate import errors
+from quotagate import errors, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +45,36 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 def translated(fn: F) -> F:
     """Run a unary handler; a QuotagateError becomes its gRPC status (with BadRequest).
     Anything else is a bug: logged with its traceback, answered INTERNAL with a short
-    message (a long one would not fit the status trailer)."""
+    message (a long one would not fit the status trailer). Each call is counted in
+    telemetry.RPC by method (the servicer's SERVICE and the handler's name), status code
+    and time taken."""
+    slot: list[int] = []
+    ok, internal = telemetry.OK, telemetry.CODE_INDEX[grpc.StatusCode.INTERNAL]
+    unknown = telemetry.CODE_INDEX[grpc.StatusCode.UNKNOWN]
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not slot:
+            slot.append(telemetry.method_index(f"/{self.SERVICE}/{fn.__name__}"))
+        t0 = time.perf_counter()
+        code = ok
         try:
             return await fn(self, request, context)
         except errors.QuotagateError as e:
+            code = telemetry.CODE_INDEX[CODES.get(type(e), grpc.StatusCode.INTERNAL)]
             await context.abort_with_status(to_status(e))
         except grpc.aio.AbortError:
+            if code == ok:  # the handler aborted itself
+                got = context.code()
+                code = telemetry.CODE_INDEX.get(got, unknown) if got is not None else unknown
             raise
         except Exception as e:
+            code = internal
             log.exception("%s failed", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL,
                                 f"internal error: {type(e).__name__}: {str(e)[:200]}")
+        finally:
+            if slot[0] >= 0:
+                telemetry.RPC.observe(slot[0], code, time.perf_counter() - t0)
 
     return wrapper  # type: ignore[return-value]
