@@ -22,6 +22,8 @@ from quotagate.v1 import common_pb2, quota_pb2, quota_pb2_grpc
 
 M = "message_tokens"
 SCENARIOS = ("ceiling", "reserve_commit", "check", "get_balance")
+#: more scenarios, on request (--scenarios), on the Python generator only
+EXTRA = ("envoy_rls",)
 
 
 @dataclass
@@ -82,13 +84,33 @@ def make_call(job: Job, channel: grpc.aio.Channel,  # type: ignore[no-untyped-de
         await quota.Check(quota_pb2.CheckRequest(subject=subject(rng, job), meter=M))
         return 1
 
+    rls = None
+    if job.scenario == "envoy_rls":
+        from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+        from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+        rls = rls_pb2_grpc.RateLimitServiceStub(channel)
+        entry = ratelimit_pb2.RateLimitDescriptor.Entry
+
+    async def envoy_rls() -> int:
+        # what an Envoy in front of the AI endpoint asks: the same subject and estimate as
+        # a Reserve, charged at once (one RPC, one round trip for Reserve and Commit)
+        s = subject(rng, job)
+        assert rls is not None
+        await rls.ShouldRateLimit(rls_pb2.RateLimitRequest(
+            domain="ai", hits_addend=rng.randint(500, 4_000), descriptors=[
+                ratelimit_pb2.RateLimitDescriptor(entries=[
+                    entry(key="org_id", value=s.org_id), entry(key="team_id", value=s.team_id),
+                    entry(key="seat_id", value=s.seat_id)])]))
+        return 1
+
     async def get_balance() -> int:
         await quota.GetBalance(quota_pb2.GetBalanceRequest(subject=subject(rng, job),
                                                            meters=[M]))
         return 1
 
     return {"ceiling": ceiling, "reserve_commit": reserve_commit, "check": check,
-            "get_balance": get_balance}[job.scenario]
+            "get_balance": get_balance, "envoy_rls": envoy_rls}[job.scenario]
 
 
 async def _run(job: Job) -> dict[str, object]:

@@ -208,6 +208,8 @@ def drive(port: int, scenario: str, seconds: float, generators: int, concurrency
     before = _cpu_now()
     workers = WATCH["quotagate"][1:]
     w_before = [_proc_cpu(w) for w in workers]
+    if a.client == "cpp" and scenario in loadgen.EXTRA:
+        raise SystemExit(f"scenario {scenario} needs --client python")
     if a.client == "cpp":
         results = _run_cpp(jobs)
     else:
@@ -571,7 +573,9 @@ def main() -> None:
     p.add_argument("--orgs", type=int, default=10_000)
     p.add_argument("--teams", type=int, default=2)
     p.add_argument("--seats", type=int, default=5)
-    p.add_argument("--scenarios", default=",".join(loadgen.SCENARIOS))
+    p.add_argument("--scenarios", default=",".join(loadgen.SCENARIOS),
+                   help="comma separated: " + ", ".join(loadgen.SCENARIOS)
+                   + "; envoy_rls (ShouldRateLimit) with --client python")
     p.add_argument("--scale", action="store_true", help="also 1,000 vs 1,000,000 orgs")
     p.add_argument("--scale-only", action="store_true", help="only the --scale measurement")
     p.add_argument("--out", default="bench/results")

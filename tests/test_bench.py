@@ -98,3 +98,18 @@ def test_open_loop_sends_at_the_rate_asked(bench_server: tuple[int, RedisServer]
     assert out["sent_p50_ms"] <= out["p50_ms"]
     assert out["late_p99_ms"] >= 0
     assert _open_holds(srv) == 0
+
+
+def test_envoy_rls_scenario_charges_every_request(bench_server: tuple[int, RedisServer],
+                                                  cpp_client: bool) -> None:
+    """`--scenarios envoy_rls` (Python generator): one ShouldRateLimit per request, no
+    error, and no hold left open (each is committed in the same step); the C++ generator
+    refuses the scenario instead of measuring something else."""
+    port, srv = bench_server
+    out = run.drive(port, "envoy_rls", 0.5, 1, 4, 0, _args("python", cpp_client))
+    assert out["errors"] == 0 and out["requests_per_s"] > 0
+    assert out["rpc_per_s"] == out["requests_per_s"]
+    assert _open_holds(srv) == 0
+    with pytest.raises(SystemExit, match="needs --client python"):
+        run.drive(port, "envoy_rls", 0.5, 1, 4, 0, argparse.Namespace(
+            orgs=ORGS, teams=TEAMS, seats=SEATS, channels=2, client="cpp"))
