@@ -497,3 +497,16 @@ def test_metrics_add_up_every_worker_and_survive_a_restart(tmp_path: Path) -> No
             c.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_the_quickstart_example_against_serve(tmp_path: Path) -> None:
+    """README's quick start: examples/quickstart.py against `serve` with the demo org."""
+    proc, port = start_serve(tmp_path)
+    try:
+        out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"),
+                              f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "committed 1733 tokens; meter [1,733/3,000,000 used]"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

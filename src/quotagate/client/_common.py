@@ -1,0 +1,147 @@
+"""What the async and the sync client share: request building and the retry rule."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from quotagate.ledger.model import Subject
+from quotagate.v1 import common_pb2, quota_pb2
+
+SubjectLike = common_pb2.Subject | Subject
+Amounts = Mapping[str, int]
+
+#: codes after which a call is sent again: it did not reach the server, or it may have
+#: and repeating it answers the same (Reserve repeats its idempotency key; Commit and
+#: Refund of a resolved hold answer its outcome)
+RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: the calls that may be repeated (Extend adds to a hold: never repeated)
+REPEATABLE = frozenset({"Reserve", "Commit", "Refund", "Check", "GetBalance"})
+
+
+def subject_pb(s: SubjectLike) -> common_pb2.Subject:
+    if isinstance(s, common_pb2.Subject):
+        return s
+    return common_pb2.Subject(org_id=s.org_id, team_id=s.team_id, seat_id=s.seat_id,
+                              assistant_id=s.assistant_id)
+
+
+def charges_pb(amounts: Amounts | None) -> list[common_pb2.Charge]:
+    return [common_pb2.Charge(meter=m, amount=a) for m, a in (amounts or {}).items()]
+
+
+def reserve_request(subject: SubjectLike, charges: Amounts | None, *, action: str,
+                    feature: str, ttl_seconds: int, allow_partial: bool,
+                    labels: Mapping[str, str] | None,
+                    idempotency_key: str | None) -> quota_pb2.ReserveRequest:
+    return quota_pb2.ReserveRequest(
+        subject=subject_pb(subject), charges=charges_pb(charges), action=action,
+        feature=feature, ttl_seconds=ttl_seconds, allow_partial=allow_partial,
+        labels=dict(labels or {}), idempotency_key=idempotency_key or str(uuid.uuid4()))
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before retry `attempt` (1, 2, …): 50 ms doubling, with jitter."""
+    return float(0.05 * (2 ** (attempt - 1)) * (0.5 + random.random()))
+
+
+def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    # each channel its own connection: the server's workers are dealt connections, not
+    # calls (README: "Open several connections")
+    return [("grpc.use_local_subchannel_pool", 1)]
+
+
+def reason_name(code: int) -> str:
+    """DENY_REASON_INSUFFICIENT_BALANCE -> "insufficient_balance"; "" when granted."""
+    if not code:
+        return ""
+    return str(common_pb2.DenyReason.Name(code)).removeprefix("DENY_REASON_").lower()
+
+
+class Calls:
+    """The QuotaService calls, built once for both clients: each returns `self._call(name,
+    request)`, which the async client awaits and the sync client runs."""
+
+    def _call(self, name: str, request: Any) -> Any:
+        raise NotImplementedError
+
+    def reserve(self, subject: SubjectLike, charges: Amounts | None = None, *,
+                action: str = "", feature: str = "", ttl_seconds: int = 0,
+                allow_partial: bool = False, labels: Mapping[str, str] | None = None,
+                idempotency_key: str | None = None) -> Any:
+        """Hold `charges` ({meter: amount}) or the price of `action`: a ReserveResponse.
+        Without an `idempotency_key` a new one is made, and kept across this call's
+        retries."""
+        return self._call("Reserve", reserve_request(
+            subject, charges, action=action, feature=feature, ttl_seconds=ttl_seconds,
+            allow_partial=allow_partial, labels=labels, idempotency_key=idempotency_key))
+
+    def commit(self, reservation_id: str, actual: Amounts | None = None,
+               labels: Mapping[str, str] | None = None) -> Any:
+        """Charge what was used ({meter: amount}); None: exactly what was held."""
+        return self._call("Commit", quota_pb2.CommitRequest(
+            reservation_id=reservation_id, actual=charges_pb(actual),
+            labels=dict(labels or {})))
+
+    def refund(self, reservation_id: str, amount: Amounts | None = None,
+               reason: str = "") -> Any:
+        """Give the hold back (None: all of it; after a Commit at most what it charged)."""
+        return self._call("Refund", quota_pb2.RefundRequest(
+            reservation_id=reservation_id, amount=charges_pb(amount), reason=reason))
+
+    def extend(self, reservation_id: str, additional: Amounts | None = None,
+               ttl_seconds: int = 0) -> Any:
+        """Hold more, or longer (never sent twice: a repeat would add twice)."""
+        return self._call("Extend", quota_pb2.ExtendRequest(
+            reservation_id=reservation_id, additional=charges_pb(additional),
+            ttl_seconds=ttl_seconds))
+
+    def check(self, subject: SubjectLike, meter: str = "", feature: str = "") -> Any:
+        """Whether the subject could spend now (nothing held): a CheckResponse."""
+        return self._call("Check", quota_pb2.CheckRequest(
+            subject=subject_pb(subject), meter=meter, feature=feature))
+
+    def get_balance(self, subject: SubjectLike, meters: Sequence[str] = ()) -> Any:
+        """A GetBalanceResponse: `.balances`, one MeterBalance per meter."""
+        return self._call("GetBalance", quota_pb2.GetBalanceRequest(
+            subject=subject_pb(subject), meters=list(meters)))
+
+
+class Outcome:
+    """A Reserve's answer, as `reservation()` hands it to the block."""
+
+    def __init__(self) -> None:
+        self.response: quota_pb2.ReserveResponse | None = None
+        self.actual: dict[str, int] | None = None
+        #: the Commit's or Refund's answer, once the block is left
+        self.outcome: Any = None
+
+    @property
+    def granted(self) -> bool:
+        return self.response is not None and \
+            self.response.decision == common_pb2.DECISION_GRANTED
+
+    @property
+    def silent(self) -> bool:
+        """Denied because the assistant is inactive: hide it, tell the user nothing."""
+        return self.response is not None and self.response.silent
+
+    @property
+    def reason(self) -> str:
+        return reason_name(self.response.reason) if self.response is not None else ""
+
+    @property
+    def reservation_id(self) -> str:
+        return self.response.reservation_id if self.response is not None else ""
+
+    def use(self, actual: Amounts) -> None:
+        """What the work really used ({meter: amount}); committed when the block ends."""
+        self.actual = dict(actual)

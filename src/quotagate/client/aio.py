@@ -1,0 +1,105 @@
+"""The asyncio client: QuotaService calls over several connections, retried where a
+retry is safe, and `reservation()` for the Reserve → work → Commit (or Refund) pattern."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from quotagate.client import _common as c
+from quotagate.v1 import quota_pb2_grpc
+
+log = logging.getLogger("quotagate.client")
+
+
+class QuotaClient(c.Calls):
+    """A runtime's connection to quotagate (grpc.aio). Every call is a coroutine that
+    answers the RPC's response message.
+
+    `channels` connections are opened and calls go round them, so a server with several
+    workers serves this client with all of them. A call answered UNAVAILABLE or
+    DEADLINE_EXCEEDED is sent again up to `retries` times (backing off from 50 ms) where
+    that is safe: a Reserve keeps its idempotency key, so a retry gets the first hold,
+    never a second one; Commit and Refund of a resolved hold answer what they did; Extend
+    is never repeated. `api_key` is sent as `authorization: Bearer …`; `credentials`
+    makes the channels TLS (`grpc.ssl_channel_credentials(...)`).
+    """
+
+    def __init__(self, target: str, *, api_key: str | None = None, channels: int = 4,
+                 credentials: grpc.ChannelCredentials | None = None, timeout: float = 2.0,
+                 retries: int = 2) -> None:
+        if channels < 1:
+            raise ValueError("channels must be at least 1")
+        opts = c.channel_options()
+        self._channels = [grpc.aio.secure_channel(target, credentials, options=opts)
+                          if credentials else grpc.aio.insecure_channel(target, options=opts)
+                          for _ in range(channels)]
+        self._stubs = [quota_pb2_grpc.QuotaServiceStub(ch) for ch in self._channels]
+        self._next = itertools.cycle(range(channels))
+        self._metadata = c.metadata(api_key)
+        self.timeout, self.retries = timeout, retries
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close()
+
+    async def __aenter__(self) -> QuotaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, name: str, request: Any) -> Any:
+        attempts = 1 + (self.retries if name in c.REPEATABLE else 0)
+        attempt = 1
+        while True:
+            stub = self._stubs[next(self._next)]
+            try:
+                return await getattr(stub, name)(request, timeout=self.timeout,
+                                                 metadata=self._metadata)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in c.RETRY or attempt >= attempts:
+                    raise
+            await asyncio.sleep(c.backoff(attempt))
+            attempt += 1
+
+    def reservation(self, subject: c.SubjectLike, charges: c.Amounts | None = None,
+                    **kw: Any) -> Reservation:
+        """`async with client.reservation(who, {"message_tokens": 2000}) as hold:` —
+        Reserve on entry; in the block check `hold.granted` (and `hold.silent`: hide the
+        assistant), do the work, tell `hold.use({...})` what it really used. Leaving the
+        block commits that (or, without `use`, what was held); an exception refunds the
+        hold and goes on. `kw` are reserve()'s keywords."""
+        return Reservation(self, subject, charges, kw)
+
+
+class Reservation(c.Outcome):
+    """One Reserve and its outcome (see QuotaClient.reservation)."""
+
+    def __init__(self, client: QuotaClient, subject: c.SubjectLike,
+                 charges: c.Amounts | None, kw: dict[str, Any]) -> None:
+        super().__init__()
+        self._client, self._subject, self._charges, self._kw = client, subject, charges, kw
+
+    async def __aenter__(self) -> Reservation:
+        self.response = await self._client.reserve(self._subject, self._charges, **self._kw)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if not self.granted:
+            return
+        if exc_type is not None:
+            try:
+                self.outcome = await self._client.refund(
+                    self.reservation_id, reason=f"failed: {exc_type.__name__}")
+            except grpc.aio.AioRpcError as e:  # the block's error matters more
+                log.warning("refund of %s failed (%s); the hold expires after its TTL",
+                            self.reservation_id, e.code().name)
+            return
+        self.outcome = await self._client.commit(self.reservation_id, self.actual)

@@ -1,0 +1,177 @@
+"""The Python SDK against the real server: reservations that commit what was used or
+refund on failure, denials and silent assistants, retries that stop where they must,
+several connections, and the blocking twin."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from conftest import Grpc
+from grpc_api import Api
+from quotagate import telemetry
+from quotagate.client import QuotaClient, SyncQuotaClient, estimate, subject
+from quotagate.ledger.model import Allowance
+from quotagate.v1 import admin_pb2, common_pb2
+
+M = "message_tokens"
+
+
+@pytest.fixture
+async def qg(server: Grpc) -> Any:
+    api = Api(server)
+    await api.plan("pro", monthly=10_000)
+    await api.org("acme")
+    client = QuotaClient(f"127.0.0.1:{server.app.port}")
+    yield client, api
+    await client.close()
+
+
+async def test_a_reservation_commits_what_was_used(qg: Any) -> None:
+    client, api = qg
+    async with client.reservation(subject("acme"), {M: 2_000}) as hold:
+        assert hold.granted and hold.reservation_id and not hold.silent
+        assert (await api.balance()).reserved == 2_000  # held while the work runs
+        hold.use({M: 1_733})
+    assert hold.outcome.charged[0].amount == 1_733
+    b = await api.balance()
+    assert (b.used, b.reserved) == (1_733, 0)
+    # without use(): what was held is charged
+    async with client.reservation(subject("acme"), {M: 500}):
+        pass
+    assert (await api.balance()).used == 2_233
+
+
+async def test_a_failed_block_refunds_its_hold(qg: Any) -> None:
+    client, api = qg
+    with pytest.raises(RuntimeError, match="model timed out"):
+        async with client.reservation(subject("acme"), {M: 2_000}) as hold:
+            raise RuntimeError("model timed out")
+    assert hold.outcome.state == common_pb2.HOLD_STATE_REFUNDED
+    b = await api.balance()
+    assert (b.used, b.reserved) == (0, 0)
+
+
+async def test_denials_and_silent_assistants(qg: Any) -> None:
+    client, api = qg
+    async with client.reservation(subject("acme"), {M: 20_000}) as hold:
+        assert not hold.granted and hold.reason == "insufficient_balance" and not hold.silent
+    assert hold.outcome is None  # nothing to commit
+    await api.a.UpsertAssistant(admin_pb2.UpsertAssistantRequest(
+        org_id="acme", assistant_id="bot", enabled=True))
+    await api.use(10_000)
+    async with client.reservation(subject("acme", assistant="bot"), {M: 1}) as hold:
+        assert not hold.granted and hold.silent and hold.reason == "assistant_inactive"
+    assert not (await client.check(subject("acme", assistant="bot"), M)).active
+
+
+async def test_reserve_by_action_and_the_other_calls(qg: Any) -> None:
+    client, _ = qg
+    r = await client.reserve(subject("acme"), action="ai_sequence", idempotency_key="k1")
+    again = await client.reserve(subject("acme"), action="ai_sequence", idempotency_key="k1")
+    assert again.reservation_id == r.reservation_id  # the same request: the same hold
+    ext = await client.extend(r.reservation_id, {M: 25})
+    assert ext.decision == common_pb2.DECISION_GRANTED
+    await client.commit(r.reservation_id, {M: 60})
+    refund = await client.refund(r.reservation_id, {M: 10}, reason="bad answer")
+    assert refund.refunded[0].amount == 10
+    [b] = (await client.get_balance(subject("acme"), [M])).balances
+    assert b.used == 50
+
+
+def _client_connections(server_port: int) -> int:
+    n = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == server_port:
+                n += 1
+    return n
+
+
+async def test_calls_go_round_several_connections(server: Grpc) -> None:
+    before = _client_connections(server.app.port)
+    async with QuotaClient(f"127.0.0.1:{server.app.port}", channels=5) as client:
+        for _ in range(10):
+            await client.check(subject("nobody"))
+        assert _client_connections(server.app.port) - before == 5
+
+
+async def test_retries_stop_after_the_limit_and_never_repeat_extend(clock: Any,
+                                                                    tmp_path: Any) -> None:
+    from quotagate.app import App
+    from quotagate.settings import Settings
+    from redis_server import RedisServer
+
+    reg = telemetry.registry()
+
+    def unavailable(method: str) -> float:
+        return reg.get_sample_value("quotagate_rpc_requests_total", {
+            "service": "quotagate.v1.QuotaService", "method": method,
+            "code": "UNAVAILABLE"}) or 0.0
+
+    own = RedisServer().start()
+    app = await App(Settings(listen="127.0.0.1:0", redis_url=own.url, shards=64,
+                             sweep_interval_ms=600_000, grace_seconds=0, data_dir=tmp_path,
+                             metrics_listen="127.0.0.1:0"), clock=clock).start()
+    try:
+        assert app.ledger is not None
+        await app.ledger.upsert_plan("pro", [Allowance(M, 1_000)])
+        await app.ledger.upsert_org("acme", "pro")
+        # a long timeout: each try is answered by the server (UNAVAILABLE), not cut short
+        async with QuotaClient(f"127.0.0.1:{app.port}", retries=2, timeout=15) as client:
+            hold = await client.reserve(subject("acme"), {M: 10})
+            own.stop()  # Redis gone: every call answers UNAVAILABLE
+            n_reserve, n_extend = unavailable("Reserve"), unavailable("Extend")
+            t0 = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.reserve(subject("acme"), {M: 10})
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert unavailable("Reserve") - n_reserve == 3  # the first try and 2 retries
+            assert time.monotonic() - t0 < 10
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.extend(hold.reservation_id, {M: 5})
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            await asyncio.sleep(0.5)  # a repeat, were there one, would be counted by now
+            assert unavailable("Extend") - n_extend == 1
+    finally:
+        await app.stop()
+        own.close()
+
+
+async def test_the_blocking_client(qg: Any, server: Grpc) -> None:
+    _, api = qg
+
+    def work() -> tuple[Any, Any]:
+        with SyncQuotaClient(f"127.0.0.1:{server.app.port}", channels=2) as client:
+            with client.reservation(subject("acme"), {M: 1_000}) as hold:
+                assert hold.granted
+                hold.use({M: 800})
+            try:
+                with client.reservation(subject("acme"), {M: 1_000}) as failed:
+                    raise ValueError("no answer")
+            except ValueError:
+                pass
+            return hold, failed
+
+    hold, failed = await asyncio.to_thread(work)
+    assert hold.outcome.charged[0].amount == 800
+    assert failed.outcome.state == common_pb2.HOLD_STATE_REFUNDED
+    b = await api.balance()
+    assert (b.used, b.reserved) == (800, 0)
+
+
+def test_estimates() -> None:
+    assert estimate.message_tokens("how do I reset my password", 500) == 8 + 500  # 6 × 1.33
+    assert estimate.message_tokens("") == 1
+    assert estimate.upload_tokens(10_000) == 15_000  # DESIGN §1: 10,000 words ≈ 15,000
+    assert estimate.upload_tokens("alpha beta") == 3
+    with pytest.raises(ValueError):
+        estimate.message_tokens("x", -1)
+    with pytest.raises(ValueError):
+        estimate.upload_tokens(-5)
