@@ -29,7 +29,7 @@ CLUSTER_LOG := .pytest-cluster.log
 test: $(STAMP) ## run the tests (own Redis servers) and, at the same time, again on a 3-master Redis Cluster
 	@QUOTAGATE_TEST_REDIS=cluster $(PY) -m pytest -q -p no:cacheprovider tests \
 	  --ignore=tests/test_proto.py --ignore=tests/test_serve.py \
-	  --ignore=tests/test_bench.py >$(CLUSTER_LOG) 2>&1 & \
+	  --ignore=tests/test_bench.py --ignore=tests/test_deploy.py >$(CLUSTER_LOG) 2>&1 & \
 	cluster=$$!; \
 	$(PY) -m pytest -q; single=$$?; \
 	wait $$cluster; on_cluster=$$?; \

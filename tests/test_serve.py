@@ -34,10 +34,11 @@ def _drain(proc: subprocess.Popen[str], lines: list[str]) -> None:
 def start_serve(tmp_path: Path, drop: tuple[str, ...] = (), lines: list[str] | None = None,
                 **env: str) -> tuple[subprocess.Popen[str], int]:
     """`quotagate serve` on a free port; its log after the start goes to `lines`."""
-    e = {**os.environ, "QUOTAGATE_LISTEN": "127.0.0.1:0", "QUOTAGATE_DATA_DIR": str(tmp_path),
-         "QUOTAGATE_CATALOG": str(ROOT / "examples" / "catalog.toml"), **env}
-    for name in ("QUOTAGATE_REDIS_URL", *drop):
+    e = dict(os.environ)
+    for name in ("QUOTAGATE_REDIS_URL", *drop):  # the embedded Redis unless `env` names one
         e.pop(name, None)
+    e.update({"QUOTAGATE_LISTEN": "127.0.0.1:0", "QUOTAGATE_DATA_DIR": str(tmp_path),
+              "QUOTAGATE_CATALOG": str(ROOT / "examples" / "catalog.toml"), **env})
     proc = subprocess.Popen([sys.executable, "-m", "quotagate", "serve"], env=e, text=True,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert proc.stderr is not None

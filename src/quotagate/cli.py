@@ -29,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     notify.add_argument("--once", action="store_true", help="one pass over the streams, then exit")
     notify.add_argument("--replay-deadletter", action="store_true",
                         help="send the dead-lettered events again to their URLs, then exit")
+    health = sub.add_parser("health", help="ask a running server's gRPC health service "
+                            "(exit 0: SERVING); for Docker HEALTHCHECK and Kubernetes probes")
+    health.add_argument("--listen", help="the server's address (default: QUOTAGATE_LISTEN; "
+                        "0.0.0.0 and [::] are asked on loopback)")
+    health.add_argument("--service", default="",
+                        help="a component: quotagate.v1.QuotaService (Redis), "
+                             "quotagate.v1.Sync (the copy to SQL); default: the server")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
     for name, text in (("migrate", "apply the SQL migrations (QUOTAGATE_DATABASE_URL)"),
                        ("sync", "copy the ledger streams to SQL (the syncer on its own)"),
                        ("restore", "write the SQL snapshots back into Redis after a loss")):
@@ -49,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sync_command(args)
     if args.command == "notify":
         return _notify(args)
+    if args.command == "health":
+        return _health(args)
     try:
         settings = load_settings(listen=args.listen, redis_url=args.redis_url,
                                  data_dir=args.data_dir, catalog=args.catalog,
@@ -82,6 +92,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quotagate: configuration error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Plaintext ports only (a TLS port: a gRPC health client with its certificates)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from quotagate.settings import Settings
+
+    listen = args.listen or Settings.model_fields["listen"].default
+    if not args.listen:
+        import os
+
+        listen = os.environ.get("QUOTAGATE_LISTEN", listen)
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "[::]", ""):
+        host = "127.0.0.1"
+    try:
+        with grpc.insecure_channel(f"{host}:{port}") as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as e:
+        print(f"quotagate health: {host}:{port}: {e.code().name}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+    print(status)
+    return 0 if r.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _notify(args: argparse.Namespace) -> int:
