@@ -175,3 +175,35 @@ def test_estimates() -> None:
         estimate.message_tokens("x", -1)
     with pytest.raises(ValueError):
         estimate.upload_tokens(-5)
+
+
+async def test_watch_status_follows_changes_across_renewed_connections(
+        redis_server: Any, redis: Any, clock: Any, tmp_path: Any) -> None:
+    """The server renews connections every second and ends a stream half a second after;
+    the client subscribes again, gets the current status first, and still sees the next
+    change."""
+    from quotagate.app import App
+    from quotagate.settings import Settings
+
+    app = await App(Settings(listen="127.0.0.1:0", redis_url=redis_server.url, shards=64,
+                             sweep_interval_ms=600_000, grace_seconds=0, data_dir=tmp_path,
+                             metrics_listen="127.0.0.1:0", max_connection_age_seconds=1,
+                             max_connection_age_grace_seconds=0.5), clock=clock).start()
+    try:
+        assert app.ledger is not None
+        await app.ledger.upsert_plan("pro", [Allowance(M, 1_000)])
+        await app.ledger.upsert_org("acme", "pro")
+        await app.ledger.upsert_assistant("acme", "bot")
+        async with QuotaClient(f"127.0.0.1:{app.port}", channels=1) as client:
+            stream = client.watch_status("acme", ["bot"])
+            first = await asyncio.wait_for(anext(stream), 5)
+            assert (first.assistant_id, first.active) == ("bot", True)
+            # the stream is cut when its connection's grace is up: the status again
+            again = await asyncio.wait_for(anext(stream), 10)
+            assert (again.assistant_id, again.active) == ("bot", True)
+            await app.ledger.upsert_assistant("acme", "bot", enabled=False)
+            change = await asyncio.wait_for(anext(stream), 10)
+            assert (change.assistant_id, change.active) == ("bot", False)
+            await stream.aclose()
+    finally:
+        await app.stop()

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
 
 from quotagate.client import _common as c
-from quotagate.v1 import quota_pb2_grpc
+from quotagate.v1 import quota_pb2, quota_pb2_grpc
 
 log = logging.getLogger("quotagate.client")
 
@@ -67,6 +68,31 @@ class QuotaClient(c.Calls):
                     raise
             await asyncio.sleep(c.backoff(attempt))
             attempt += 1
+
+    async def watch_status(self, org_id: str, assistant_ids: Sequence[str] = (), *,
+                           reconnect: bool = True
+                           ) -> AsyncIterator[quota_pb2.WatchStatusResponse]:
+        """The status of each watched assistant (none named: every assistant of the org),
+        then every change, for as long as the caller iterates. A stream that ends with
+        UNAVAILABLE (a renewed connection, a restarted server) is opened again, and
+        since each new stream starts with the current status of every assistant, no
+        change is missed: the caller may see a status twice, never miss one."""
+        request = quota_pb2.WatchStatusRequest(org_id=org_id, assistant_ids=list(assistant_ids))
+        failures = 0
+        while True:
+            stream = self._stubs[next(self._next)].WatchStatus(request, metadata=self._metadata)
+            try:
+                async for msg in stream:
+                    failures = 0
+                    yield msg
+                return
+            except grpc.aio.AioRpcError as e:
+                if not reconnect or e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                failures += 1
+            finally:
+                stream.cancel()
+            await asyncio.sleep(c.backoff(min(failures, 6)))
 
     def reservation(self, subject: c.SubjectLike, charges: c.Amounts | None = None,
                     **kw: Any) -> Reservation:
