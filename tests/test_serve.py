@@ -536,3 +536,36 @@ def test_a_node_runtime_reserves_and_commits(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_the_admin_command_calls_any_method_with_json(tmp_path: Path) -> None:
+    import json
+
+    proc, port = start_serve(tmp_path)
+
+    def admin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "quotagate", "admin", *args,
+                               "--listen", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        listed = admin("list")
+        assert listed.returncode == 0 and "TopUp" in listed.stdout and \
+            "GetBalance" in listed.stdout
+        top = admin("TopUp", json.dumps({"org_id": "demo", "meter": "message_tokens",
+                                         "amount": 5000, "purchase_id": "cli-1"}))
+        assert top.returncode == 0, top.stderr
+        assert json.loads(top.stdout)["applied"] is True
+        bal = admin("GetBalance", json.dumps({"subject": {"org_id": "demo"},
+                                              "meters": ["message_tokens"]}))
+        assert bal.returncode == 0, bal.stderr
+        [b] = json.loads(bal.stdout)["balances"]
+        assert int(b["topupRemaining"]) == 1_005_000  # the demo's welcome top-up + 5,000
+        bad = admin("TopUp", json.dumps({"org_id": "demo", "meter": "message_tokens",
+                                         "amount": 0, "purchase_id": "cli-2"}))
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+        assert admin("TopUp", "{not json").returncode == 2
+        assert admin("NoSuchMethod").returncode == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -37,6 +37,18 @@ def _parser() -> argparse.ArgumentParser:
                         help="a component: quotagate.v1.QuotaService (Redis), "
                              "quotagate.v1.Sync (the copy to SQL); default: the server")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    admin = sub.add_parser("admin", help="call any AdminService or QuotaService method with "
+                           "a JSON request and print the JSON answer",
+                           description="e.g. quotagate admin TopUp '{\"org_id\": \"demo\", "
+                           "\"meter\": \"message_tokens\", \"amount\": 5000, "
+                           "\"purchase_id\": \"inv-1\"}'; `quotagate admin list` lists the "
+                           "methods. Streaming methods print one JSON line per message.")
+    admin.add_argument("method", help="a method name (UpsertOrg, TopUp, GetBalance, …), or list")
+    admin.add_argument("request", nargs="?", default="{}",
+                       help="the request as JSON (proto field names; default {}; - reads stdin)")
+    admin.add_argument("--listen", help="the server's address (default: QUOTAGATE_LISTEN)")
+    admin.add_argument("--api-key", help="sent as a bearer token (default: QUOTAGATE_API_KEY)")
+    admin.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     for name, text in (("migrate", "apply the SQL migrations (QUOTAGATE_DATABASE_URL)"),
                        ("sync", "copy the ledger streams to SQL (the syncer on its own)"),
                        ("restore", "write the SQL snapshots back into Redis after a loss")):
@@ -59,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return _notify(args)
     if args.command == "health":
         return _health(args)
+    if args.command == "admin":
+        return _admin(args)
     try:
         settings = load_settings(listen=args.listen, redis_url=args.redis_url,
                                  data_dir=args.data_dir, catalog=args.catalog,
@@ -94,27 +108,85 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _address(listen: str | None) -> str:
+    """--listen, else QUOTAGATE_LISTEN, else the default; a wildcard host is asked on
+    loopback."""
+    import os
+
+    from quotagate.settings import Settings
+
+    listen = listen or os.environ.get("QUOTAGATE_LISTEN") or \
+        str(Settings.model_fields["listen"].default)
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "[::]", ""):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def _admin(args: argparse.Namespace) -> int:
+    """One call, JSON in, JSON out: exit 0 answered, 1 a gRPC error, 2 a bad command."""
+    import json
+    import os
+
+    import grpc
+    from google.protobuf import json_format
+
+    from quotagate.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
+
+    services = ((admin_pb2, "AdminService", admin_pb2_grpc.AdminServiceStub),
+                (quota_pb2, "QuotaService", quota_pb2_grpc.QuotaServiceStub))
+    methods = {m.name: (m, stub) for module, svc, stub in services
+               for m in module.DESCRIPTOR.services_by_name[svc].methods}
+    if args.method == "list":
+        for name, (m, _) in sorted(methods.items()):
+            print(f"{name:<24} {m.containing_service.name}  ({m.input_type.name})")
+        return 0
+    if args.method not in methods:
+        print(f"quotagate admin: no method {args.method!r} (quotagate admin list)",
+              file=sys.stderr)
+        return 2
+    m, stub_class = methods[args.method]
+    from google.protobuf import message_factory
+
+    request = message_factory.GetMessageClass(m.input_type)()
+    text = sys.stdin.read() if args.request == "-" else args.request
+    try:
+        json_format.Parse(text, request)
+    except (json_format.ParseError, json.JSONDecodeError) as e:
+        print(f"quotagate admin: the request is not a {m.input_type.name}: {e}",
+              file=sys.stderr)
+        return 2
+    key = args.api_key or os.environ.get("QUOTAGATE_API_KEY", "")
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    with grpc.insecure_channel(_address(args.listen)) as ch:
+        call = getattr(stub_class(ch), m.name)
+        try:
+            if m.server_streaming:
+                for msg in call(request, metadata=metadata):
+                    print(json_format.MessageToJson(msg, indent=None), flush=True)
+            else:
+                reply = call(request, timeout=args.timeout, metadata=metadata)
+                print(json_format.MessageToJson(reply, indent=2))
+        except grpc.RpcError as e:
+            print(f"quotagate admin: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
 def _health(args: argparse.Namespace) -> int:
     """Plaintext ports only (a TLS port: a gRPC health client with its certificates)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from quotagate.settings import Settings
-
-    listen = args.listen or Settings.model_fields["listen"].default
-    if not args.listen:
-        import os
-
-        listen = os.environ.get("QUOTAGATE_LISTEN", listen)
-    host, _, port = listen.rpartition(":")
-    if host in ("0.0.0.0", "[::]", ""):
-        host = "127.0.0.1"
+    address = _address(args.listen)
     try:
-        with grpc.insecure_channel(f"{host}:{port}") as ch:
+        with grpc.insecure_channel(address) as ch:
             r = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as e:
-        print(f"quotagate health: {host}:{port}: {e.code().name}", file=sys.stderr)
+        print(f"quotagate health: {address}: {e.code().name}", file=sys.stderr)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
     print(status)
