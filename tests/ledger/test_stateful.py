@@ -478,6 +478,21 @@ class LedgerMachine(RuleBasedStateMachine):
         assert r.decision is Decision.DENIED, (who, amount, r)
         return ""
 
+    @rule(who=st.sampled_from(["org", "seat"]), amount=st.integers(1, 900))
+    def charge_now(self, who: str, amount: int) -> None:
+        """Envoy's ShouldRateLimit: Reserve and Commit at once, as the model does them
+        one after the other."""
+        r = self.run(self.ledger.charge_now(SUBJECTS[who], [Charge(M, amount)]))
+        now = self.clock.now_ms()
+        expect = self.model.reserve(now, who, amount, False)
+        if expect:
+            assert r.decision is Decision.GRANTED and r.charged == (Charge(M, amount),), r
+            rid = f"now-{next(self.counter)}"
+            self.model.hold(now, rid, who, amount)
+            assert self.model.commit(now, rid, None) == ("C", amount)
+        else:
+            assert r.decision is Decision.DENIED and r.charged == (), (who, amount, r)
+
     @rule(rid=consumes(holds), actual=st.none() | st.integers(0, 1200))
     def commit(self, rid: str, actual: int | None) -> None:
         if not rid:
