@@ -4,6 +4,7 @@ its rate-limit filter: the README's Envoy configuration, end to end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -23,6 +24,8 @@ from conftest import Grpc
 from grpc_api import Api
 from quotagate.v1 import admin_pb2
 from redis_server import free_port
+
+EXAMPLE_KEYS = Path(__file__).resolve().parents[2] / "deploy" / "api-keys.example.toml"
 
 
 def envoy_binary() -> str:
@@ -57,9 +60,11 @@ def upstream() -> Iterator[int]:
     httpd.server_close()
 
 
-def envoy_config(listen: int, quotagate: int, upstream: int) -> dict[str, Any]:
+def envoy_config(listen: int, quotagate: int, upstream: int,
+                 api_key: str | None = None) -> dict[str, Any]:
     """An HTTP listener whose rate-limit filter asks quotagate (domain "ai"): the org and
-    seat from request headers, the amount from x-estimated-tokens."""
+    seat from request headers, the amount from x-estimated-tokens; with `api_key` sent
+    as the gRPC service's initial metadata (README's configuration)."""
     def cluster(name: str, port: int, http2: bool) -> dict[str, Any]:
         c: dict[str, Any] = {
             "name": name, "type": "STATIC", "connect_timeout": "1s",
@@ -94,7 +99,10 @@ def envoy_config(listen: int, quotagate: int, upstream: int) -> dict[str, Any]:
                 "domain": "ai", "rate_limits": limits, "failure_mode_deny": True, "timeout": "1s",
                 "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
                 "rate_limit_service": {"transport_api_version": "V3", "grpc_service": {
-                    "envoy_grpc": {"cluster_name": "quotagate"}}}}},
+                    "envoy_grpc": {"cluster_name": "quotagate"},
+                    "initial_metadata": [{"key": "authorization",
+                                          "value": f"Bearer {api_key}"}] if api_key
+                    else []}}}},
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3."
                          "Router"}}]}
@@ -115,13 +123,13 @@ def spawn(binary: str, cfg: Path, log: Path) -> subprocess.Popen[bytes]:
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
-@pytest.fixture
-async def envoy(server: Grpc, upstream: int, tmp_path: Path) -> AsyncIterator[int]:
+@contextlib.asynccontextmanager
+async def running_envoy(config: dict[str, Any], port: int,
+                        tmp_path: Path) -> AsyncIterator[int]:
     binary = envoy_binary()
-    port = free_port()
-    cfg = tmp_path / "envoy.json"
-    cfg.write_text(json.dumps(envoy_config(port, server.app.port, upstream)))
-    log = tmp_path / "envoy.log"
+    cfg = tmp_path / f"envoy-{port}.json"
+    cfg.write_text(json.dumps(config))
+    log = tmp_path / f"envoy-{port}.log"
     proc = spawn(binary, cfg, log)
     try:
         deadline = time.monotonic() + 30
@@ -143,6 +151,14 @@ async def envoy(server: Grpc, upstream: int, tmp_path: Path) -> AsyncIterator[in
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+async def envoy(server: Grpc, upstream: int, tmp_path: Path) -> AsyncIterator[int]:
+    port = free_port()
+    async with running_envoy(envoy_config(port, server.app.port, upstream), port,
+                             tmp_path) as p:
+        yield p
 
 
 def get(port: int, **headers: str) -> tuple[int, dict[str, str]]:
@@ -186,3 +202,39 @@ async def test_envoy_charges_each_request_and_answers_429_when_dry(server: Grpc,
 async def test_envoy_refuses_an_unknown_org(server: Grpc, envoy: int) -> None:
     status, h = await asyncio.to_thread(get, envoy, x_org_id="nobody", x_estimated_tokens="1")
     assert status == 429 and h["x-quotagate-reason"] == "unknown_subject"
+
+
+async def test_envoy_sends_the_api_key_the_readme_configures(redis_server: Any, redis: Any,
+                                                             clock: Any, upstream: int,
+                                                             tmp_path: Path) -> None:
+    """With API keys on, Envoy passes its key as initial metadata; with a wrong one
+    quotagate refuses the call and Envoy (failure_mode_deny) answers 500, charging
+    nothing."""
+    from quotagate.app import App
+    from quotagate.ledger.model import Allowance, Subject
+    from quotagate.settings import Settings
+
+    keys = EXAMPLE_KEYS
+    app = await App(Settings(listen="127.0.0.1:0", redis_url=redis_server.url, shards=64,
+                             sweep_interval_ms=600_000, grace_seconds=0, data_dir=tmp_path,
+                             metrics_listen="127.0.0.1:0", api_keys_file=str(keys)),
+                    clock=clock).start()
+    try:
+        assert app.ledger is not None
+        await app.ledger.upsert_plan("pro", [Allowance("message_tokens", 1_000)])
+        await app.ledger.upsert_org("acme", "pro")
+        good, bad = free_port(), free_port()
+        async with running_envoy(envoy_config(good, app.port, upstream, "change-me-runtime"),
+                                 good, tmp_path), \
+                running_envoy(envoy_config(bad, app.port, upstream, "not-a-key"), bad,
+                              tmp_path):
+            status, _ = await asyncio.to_thread(get, good, x_org_id="acme",
+                                                x_estimated_tokens="100")
+            assert status == 200
+            status, _ = await asyncio.to_thread(get, bad, x_org_id="acme",
+                                                x_estimated_tokens="100")
+            assert status == 500
+        [b] = await app.ledger.get_balance(Subject("acme"), ["message_tokens"])
+        assert b.used == 100
+    finally:
+        await app.stop()
