@@ -130,6 +130,8 @@ class App:
         await self.health.update()
         self._tasks = [asyncio.create_task(self.health.run(), name="health"),
                        asyncio.create_task(self._sweeper(), name="sweeper")]
+        if keyring is not None and keyring.path is not None:
+            self._tasks.append(asyncio.create_task(self._watch_keys(keyring), name="keys"))
         await self._start_sync(cat)
         if notify is not None and notify.urls:
             self.notifier = Notifier(self.redis, self.ledger.keys, notify)
@@ -183,6 +185,12 @@ class App:
         # one /metrics per server: with --workers, worker 0's, adding up every worker
         if os.environ.get(INDEX_VAR, "0") == "0":
             self.metrics = telemetry.start_metrics_server(s.metrics_listen)
+
+    @staticmethod
+    async def _watch_keys(keyring: auth.KeyRing) -> None:
+        while True:
+            await asyncio.sleep(auth.KEYS_POLL_SECONDS)
+            keyring.reload_if_changed()
 
     async def _sweeper(self) -> None:
         assert self.ledger is not None

@@ -479,3 +479,55 @@ async def test_refused_calls_are_counted(secure: Secure) -> None:
     await code_of(secure.quota.Reserve(reserve("acme"), metadata=auth("runtime_acme")))
     assert {c: n(c) - v for c, v in before.items()} == {
         "UNAUTHENTICATED": 1, "PERMISSION_DENIED": 1, "OK": 1}
+
+
+async def test_keys_are_reloaded_when_their_file_changes(redis_server: RedisServer, redis: Any,
+                                                         clock: ManualClock, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    """Rotation without a restart: the new file's keys are in force within a poll, the
+    old key is refused, and a file that does not parse leaves the keys as they were."""
+    import asyncio
+
+    from quotagate.server import auth as auth_mod
+
+    monkeypatch.setattr(auth_mod, "KEYS_POLL_SECONDS", 0.05)
+    path = tmp_path / "keys.toml"
+
+    def write(*names: str) -> None:
+        path.write_text("".join(f'[[keys]]\nname = "{n}"\nsha256 = "{sha(KEYS[n])}"\n'
+                                f'role = "runtime"\norg = "acme"\n' for n in names))
+
+    write("runtime_acme")
+    app = await App(Settings(listen="127.0.0.1:0", redis_url=redis_server.url, shards=64,
+                             sweep_interval_ms=600_000, grace_seconds=0, data_dir=tmp_path,
+                             metrics_listen="127.0.0.1:0", api_keys_file=str(path)),
+                    clock=clock).start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    quota = quota_pb2_grpc.QuotaServiceStub(channel)
+    check = quota_pb2.CheckRequest(subject=common_pb2.Subject(org_id="acme"), meter=M)
+
+    async def code(key: str) -> grpc.StatusCode:
+        return await code_of(quota.Check(check, metadata=auth(key)))
+
+    async def until(key: str, want: grpc.StatusCode) -> None:
+        for _ in range(100):
+            if await code(key) is want:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{key}: never {want}")
+
+    try:
+        assert await code("runtime_acme") is grpc.StatusCode.OK
+        assert await code("runtime_beta") is grpc.StatusCode.UNAUTHENTICATED
+        write("runtime_beta")  # the rotation: acme's key out, a new one in
+        await until("runtime_beta", grpc.StatusCode.OK)
+        assert await code("runtime_acme") is grpc.StatusCode.UNAUTHENTICATED
+        path.write_text("[[keys]]\nname = 'broken'\n")  # no sha256: refused
+        await asyncio.sleep(0.3)
+        assert await code("runtime_beta") is grpc.StatusCode.OK
+        assert "not reloaded" in caplog.text
+    finally:
+        await channel.close()
+        await app.stop()

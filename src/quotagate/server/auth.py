@@ -75,6 +75,8 @@ ADMIN = "/quotagate.v1.AdminService/"
 RLS = "/envoy.service.ratelimit.v3.RateLimitService/"
 BY_RESERVATION = frozenset({"Commit", "Refund", "Extend"})
 RID_CACHE = 100_000
+#: how often the server looks at the API keys file for a change
+KEYS_POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -141,10 +143,48 @@ def load_keys(path: str | Path) -> list[ApiKey]:
 
 
 class KeyRing:
-    """The configured keys; finds the one a bearer token belongs to."""
+    """The configured keys; finds the one a bearer token belongs to. Made from a file
+    (`from_file`), it reloads it when it changes (`reload_if_changed`, which the server
+    calls every KEYS_POLL_SECONDS): keys are rotated by editing the file, or by
+    Kubernetes updating a mounted Secret, without a restart. A file that no longer parses
+    is logged and the keys in force are kept."""
 
-    def __init__(self, keys: Iterable[ApiKey]) -> None:
+    def __init__(self, keys: Iterable[ApiKey], path: str | Path | None = None) -> None:
         self.keys = tuple(keys)
+        self.path = Path(path) if path else None
+        self._stamp = self._stat()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> KeyRing:
+        return cls(load_keys(path), path)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = self.path.stat()  # follows a Secret's symlinks to the current data
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload_if_changed(self) -> bool:
+        """Read the file again if it changed since it was last read; True when the keys
+        in force changed."""
+        stamp = self._stat()
+        if self.path is None or stamp is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            keys = tuple(load_keys(self.path))
+        except ConfigError as e:
+            log.error("API keys file %s not reloaded, the keys in force stay: %s",
+                      self.path, e)
+            return False
+        if keys == self.keys:
+            return False
+        self.keys = keys
+        log.warning("API keys reloaded from %s: %d key(s)", self.path, len(keys))
+        return True
 
     def authenticate(self, token: str) -> ApiKey | None:
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
@@ -158,7 +198,7 @@ class KeyRing:
 def keyring_for(settings: Any) -> KeyRing | None:
     """The key ring of the settings. None (auth off) is allowed on loopback only."""
     if settings.api_keys_file:
-        return KeyRing(load_keys(settings.api_keys_file))
+        return KeyRing.from_file(settings.api_keys_file)
     if not settings.loopback:
         raise ConfigError(
             f"listening on {settings.listen} needs API keys: set {KEYS_VAR} "
