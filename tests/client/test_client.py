@@ -207,3 +207,25 @@ async def test_watch_status_follows_changes_across_renewed_connections(
             await stream.aclose()
     finally:
         await app.stop()
+
+
+def test_a_client_made_outside_the_event_loop(tmp_path: Path) -> None:
+    """Made at import time, used in asyncio.run(): its channels open on the loop of the
+    first call (a grpc.aio channel belongs to one loop)."""
+    from test_serve import start_serve
+
+    proc, port = start_serve(tmp_path)
+    try:
+        client = QuotaClient(f"127.0.0.1:{port}")
+
+        async def use() -> bool:
+            try:
+                return bool((await client.check(subject("demo"), M)).active)
+            finally:
+                await client.close()
+
+        assert asyncio.run(use())
+        assert asyncio.run(use())  # and again on another loop, after close()
+    finally:
+        proc.terminate()
+        proc.wait(30)

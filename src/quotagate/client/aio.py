@@ -36,17 +36,29 @@ class QuotaClient(c.Calls):
                  retries: int = 2) -> None:
         if channels < 1:
             raise ValueError("channels must be at least 1")
-        opts = c.channel_options()
-        self._channels = [grpc.aio.secure_channel(target, credentials, options=opts)
-                          if credentials else grpc.aio.insecure_channel(target, options=opts)
-                          for _ in range(channels)]
-        self._stubs = [quota_pb2_grpc.QuotaServiceStub(ch) for ch in self._channels]
+        self.target, self._credentials, self._n = target, credentials, channels
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[quota_pb2_grpc.QuotaServiceStub] = []
         self._next = itertools.cycle(range(channels))
         self._metadata = c.metadata(api_key)
         self.timeout, self.retries = timeout, retries
 
+    def _stub(self) -> quota_pb2_grpc.QuotaServiceStub:
+        """The next connection's stub. The channels are opened at the first call, on the
+        event loop that makes it (a grpc.aio channel belongs to one loop), so a client
+        may be made anywhere, an import included."""
+        if not self._stubs:
+            opts = c.channel_options()
+            cred = self._credentials
+            self._channels = [grpc.aio.secure_channel(self.target, cred, options=opts)
+                              if cred else grpc.aio.insecure_channel(self.target, options=opts)
+                              for _ in range(self._n)]
+            self._stubs = [quota_pb2_grpc.QuotaServiceStub(ch) for ch in self._channels]
+        return self._stubs[next(self._next)]
+
     async def close(self) -> None:
-        for ch in self._channels:
+        channels, self._channels, self._stubs = self._channels, [], []
+        for ch in channels:
             await ch.close()
 
     async def __aenter__(self) -> QuotaClient:
@@ -59,7 +71,7 @@ class QuotaClient(c.Calls):
         attempts = 1 + (self.retries if name in c.REPEATABLE else 0)
         attempt = 1
         while True:
-            stub = self._stubs[next(self._next)]
+            stub = self._stub()
             try:
                 return await getattr(stub, name)(request, timeout=self.timeout,
                                                  metadata=self._metadata)
@@ -80,7 +92,7 @@ class QuotaClient(c.Calls):
         request = quota_pb2.WatchStatusRequest(org_id=org_id, assistant_ids=list(assistant_ids))
         failures = 0
         while True:
-            stream = self._stubs[next(self._next)].WatchStatus(request, metadata=self._metadata)
+            stream = self._stub().WatchStatus(request, metadata=self._metadata)
             try:
                 async for msg in stream:
                     failures = 0
