@@ -44,14 +44,14 @@ proto: $(STAMP) ## regenerate src/quotagate/v1 from proto/
 	$(PY) scripts/gen_proto.py
 
 CGEN := build/cgen/loadgen
-CGEN_PROTOS := quotagate/v1/common.proto quotagate/v1/quota.proto health.proto
+CGEN_PROTOS := quotagate/v1/common.proto quotagate/v1/quota.proto health.proto rls.proto
 GRPC_CPP_DEBS := libgrpc++-dev protobuf-compiler-grpc protobuf-compiler pkg-config
 
-$(CGEN): bench/cgen/loadgen.cc bench/cgen/health.proto proto/quotagate/v1/common.proto proto/quotagate/v1/quota.proto
+$(CGEN): bench/cgen/loadgen.cc bench/cgen/health.proto bench/cgen/rls.proto proto/quotagate/v1/common.proto proto/quotagate/v1/quota.proto
 	@mkdir -p build/cgen
 	protoc -I proto -I bench/cgen --cpp_out=build/cgen --grpc_out=build/cgen \
 	  --plugin=protoc-gen-grpc=$$(command -v grpc_cpp_plugin) $(CGEN_PROTOS)
-	$(CXX) -O2 -std=c++17 -Ibuild/cgen -o $@ bench/cgen/loadgen.cc build/cgen/health*.pb.cc \
+	$(CXX) -O2 -std=c++17 -Ibuild/cgen -o $@ bench/cgen/loadgen.cc build/cgen/health*.pb.cc build/cgen/rls*.pb.cc \
 	  build/cgen/quotagate/v1/*.pb.cc $$(pkg-config --cflags --libs grpc++ protobuf)
 
 bench-deps: ## install gRPC C++ (Debian packages) for the benchmark's C++ load generator

@@ -21,9 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from quotagate.v1 import common_pb2, quota_pb2, quota_pb2_grpc
 
 M = "message_tokens"
-SCENARIOS = ("ceiling", "reserve_commit", "check", "get_balance")
-#: more scenarios, on request (--scenarios), on the Python generator only
-EXTRA = ("envoy_rls",)
+SCENARIOS = ("ceiling", "reserve_commit", "check", "get_balance", "envoy_rls")
 
 
 @dataclass

@@ -9,10 +9,11 @@
 // - open loop (--rate R): request i starts at start + i/R whatever the replies do, and
 //   its latency counts from that scheduled start (no coordinated omission).
 // A reserve_commit request is a Reserve, then a Commit of what was "used" (60-110 % of
-// the estimate); it counts as two RPCs. The report (JSON on stdout) has the same fields
+// the estimate); it counts as two RPCs. An envoy_rls request is what an Envoy in front of
+// the AI endpoint asks: one ShouldRateLimit charging the same subject the estimate. The report (JSON on stdout) has the same fields
 // as loadgen.run's, latencies in seconds.
 //
-// Usage: loadgen --port P --scenario ceiling|reserve_commit|check|get_balance
+// Usage: loadgen --port P --scenario ceiling|reserve_commit|check|get_balance|envoy_rls
 //                [--seconds 3] [--concurrency 128] [--rate 0] [--orgs 10000]
 //                [--teams 2] [--seats 5] [--seed 1] [--channels 8]
 
@@ -29,10 +30,12 @@
 #include <vector>
 
 #include "health.grpc.pb.h"
+#include "rls.grpc.pb.h"
 #include "quotagate/v1/quota.grpc.pb.h"
 
 namespace qv1 = quotagate::v1;
 namespace hv1 = grpc::health::v1;
+namespace rls = envoy::service::ratelimit::v3;
 
 namespace {
 
@@ -77,7 +80,8 @@ Options Parse(int argc, char** argv) {
     else { std::fprintf(stderr, "loadgen: unknown option %s\n", k.c_str()); std::exit(2); }
   }
   if (o.port <= 0 || (o.scenario != "ceiling" && o.scenario != "reserve_commit" &&
-                      o.scenario != "check" && o.scenario != "get_balance")) {
+                      o.scenario != "check" && o.scenario != "get_balance" &&
+                      o.scenario != "envoy_rls")) {
     std::fprintf(stderr, "loadgen: --port and --scenario "
                          "(ceiling|reserve_commit|check|get_balance) are required\n");
     std::exit(2);
@@ -98,11 +102,13 @@ struct Request {
   qv1::CommitResponse commit;
   qv1::CheckResponse check;
   qv1::GetBalanceResponse balance;
+  rls::RateLimitResponse limit;
   std::unique_ptr<grpc::ClientAsyncResponseReader<hv1::HealthCheckResponse>> health_rd;
   std::unique_ptr<grpc::ClientAsyncResponseReader<qv1::ReserveResponse>> reserve_rd;
   std::unique_ptr<grpc::ClientAsyncResponseReader<qv1::CommitResponse>> commit_rd;
   std::unique_ptr<grpc::ClientAsyncResponseReader<qv1::CheckResponse>> check_rd;
   std::unique_ptr<grpc::ClientAsyncResponseReader<qv1::GetBalanceResponse>> balance_rd;
+  std::unique_ptr<grpc::ClientAsyncResponseReader<rls::RateLimitResponse>> limit_rd;
 };
 
 class Generator {
@@ -115,6 +121,7 @@ class Generator {
       auto ch = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
       health_.push_back(hv1::Health::NewStub(ch));
       quota_.push_back(qv1::QuotaService::NewStub(ch));
+      rls_.push_back(rls::RateLimitService::NewStub(ch));
     }
     tag_ = std::to_string(o.seed) + "-" +
            std::to_string(std::chrono::system_clock::now().time_since_epoch().count());
@@ -234,6 +241,22 @@ class Generator {
       req.add_meters(kMeter);
       r->balance_rd = q.AsyncGetBalance(r->ctx.get(), req, &cq_);
       r->balance_rd->Finish(&r->balance, &r->status, r);
+    } else if (s == "envoy_rls") {
+      qv1::Subject who;
+      Subject(&who);
+      rls::RateLimitRequest req;
+      req.set_domain("ai");
+      req.set_hits_addend(std::uniform_int_distribution<uint32_t>(500, 4000)(rng_));
+      auto* d = req.add_descriptors();
+      for (const auto& [k, v] : {std::pair{"org_id", who.org_id()},
+                                 std::pair{"team_id", who.team_id()},
+                                 std::pair{"seat_id", who.seat_id()}}) {
+        auto* e = d->add_entries();
+        e->set_key(k);
+        e->set_value(v);
+      }
+      r->limit_rd = rls_[r->channel]->AsyncShouldRateLimit(r->ctx.get(), req, &cq_);
+      r->limit_rd->Finish(&r->limit, &r->status, r);
     } else if (!r->committing) {
       r->estimate = std::uniform_int_distribution<int64_t>(500, 4000)(rng_);
       qv1::ReserveRequest req;
@@ -285,6 +308,7 @@ class Generator {
   grpc::CompletionQueue cq_;
   std::vector<std::unique_ptr<hv1::Health::Stub>> health_;
   std::vector<std::unique_ptr<qv1::QuotaService::Stub>> quota_;
+  std::vector<std::unique_ptr<rls::RateLimitService::Stub>> rls_;
   std::string tag_;
   uint64_t counter_ = 0;
   long inflight_ = 0, rpcs_ = 0, errors_ = 0;
