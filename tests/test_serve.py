@@ -59,6 +59,21 @@ def start_serve(tmp_path: Path, drop: tuple[str, ...] = (), lines: list[str] | N
     raise AssertionError("quotagate serve did not start")
 
 
+def own_channels(port: int, n: int) -> list[grpc.Channel]:
+    """`n` channels to the server, each its own connection (the kernel deals connections
+    to the workers, not calls)."""
+    return [grpc.insecure_channel(f"127.0.0.1:{port}",
+                                  options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(n)]
+
+
+def close_and_stop(channels: list[grpc.Channel], proc: subprocess.Popen[str]) -> None:
+    for ch in channels:
+        ch.close()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+
+
 def test_serve_embedded_health_reflection_and_sigterm(tmp_path: Path) -> None:
     proc, port = start_serve(tmp_path)
     try:
@@ -376,9 +391,7 @@ def test_connections_spread_again_after_a_worker_restarts(tmp_path: Path) -> Non
     back instead of staying idle for as long as those connections last."""
     proc, port = start_serve(tmp_path, QUOTAGATE_WORKERS="2",
                              QUOTAGATE_MAX_CONNECTION_AGE_SECONDS="1")
-    channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
-                                      options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(16)]
+    channels = own_channels(port, 16)
     try:
         stubs = [health_pb2_grpc.HealthStub(ch) for ch in channels]
 
@@ -418,10 +431,7 @@ def test_connections_spread_again_after_a_worker_restarts(tmp_path: Path) -> Non
             time.sleep(0.05)
         assert held[replacement] >= 3, held
     finally:
-        for ch in channels:
-            ch.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        close_and_stop(channels, proc)
 
 
 def _worker_index(pid: int) -> str:
@@ -449,9 +459,7 @@ def test_metrics_add_up_every_worker_and_survive_a_restart(tmp_path: Path) -> No
     metrics = free_port()
     proc, port = start_serve(tmp_path, QUOTAGATE_WORKERS="2",
                              QUOTAGATE_METRICS_LISTEN=f"127.0.0.1:{metrics}")
-    channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
-                                      options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(16)]
+    channels = own_channels(port, 16)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # both workers listening
@@ -488,16 +496,11 @@ def test_metrics_add_up_every_worker_and_survive_a_restart(tmp_path: Path) -> No
         assert _reserves_counted(metrics) == 32  # the killed worker's count is kept
         for c in channels:  # connections to the killed worker are gone: new ones
             c.close()
-        channels[:] = [grpc.insecure_channel(f"127.0.0.1:{port}",
-                                             options=[("grpc.use_local_subchannel_pool", 1)])
-                       for _ in range(16)]
+        channels[:] = own_channels(port, 16)
         reserve_on_every_channel()
         assert _reserves_counted(metrics) == 48
     finally:
-        for c in channels:
-            c.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        close_and_stop(channels, proc)
 
 
 def test_the_quickstart_example_against_serve(tmp_path: Path) -> None:

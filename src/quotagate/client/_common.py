@@ -145,3 +145,12 @@ class Outcome:
     def use(self, actual: Amounts) -> None:
         """What the work really used ({meter: amount}); committed when the block ends."""
         self.actual = dict(actual)
+
+    def leaving(self, exc_type: type[BaseException] | None) -> tuple[str, Any] | None:
+        """What leaving the block calls: ("refund", reason) after an exception, ("commit",
+        actual) otherwise, None when nothing was held."""
+        if not self.granted:
+            return None
+        if exc_type is not None:
+            return "refund", f"failed: {exc_type.__name__}"
+        return "commit", self.actual

@@ -130,14 +130,15 @@ class Reservation(c.Outcome):
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        if not self.granted:
+        then = self.leaving(exc_type)
+        if then is None:
             return
-        if exc_type is not None:
-            try:
-                self.outcome = await self._client.refund(
-                    self.reservation_id, reason=f"failed: {exc_type.__name__}")
-            except grpc.aio.AioRpcError as e:  # the block's error matters more
-                log.warning("refund of %s failed (%s); the hold expires after its TTL",
-                            self.reservation_id, e.code().name)
+        what, arg = then
+        if what == "commit":
+            self.outcome = await self._client.commit(self.reservation_id, arg)
             return
-        self.outcome = await self._client.commit(self.reservation_id, self.actual)
+        try:
+            self.outcome = await self._client.refund(self.reservation_id, reason=arg)
+        except grpc.aio.AioRpcError as e:  # the block's own error matters more
+            log.warning("refund of %s failed (%s); the hold expires after its TTL",
+                        self.reservation_id, e.code().name)

@@ -76,14 +76,15 @@ class SyncReservation(c.Outcome):
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if not self.granted:
+        then = self.leaving(exc_type)
+        if then is None:
             return
-        if exc_type is not None:
-            try:
-                self.outcome = self._client.refund(self.reservation_id,
-                                                   reason=f"failed: {exc_type.__name__}")
-            except grpc.RpcError as e:
-                log.warning("refund of %s failed (%s); the hold expires after its TTL",
-                            self.reservation_id, e.code().name)
+        what, arg = then
+        if what == "commit":
+            self.outcome = self._client.commit(self.reservation_id, arg)
             return
-        self.outcome = self._client.commit(self.reservation_id, self.actual)
+        try:
+            self.outcome = self._client.refund(self.reservation_id, reason=arg)
+        except grpc.RpcError as e:  # the block's own error matters more
+            log.warning("refund of %s failed (%s); the hold expires after its TTL",
+                        self.reservation_id, e.code().name)
