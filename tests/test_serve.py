@@ -505,15 +505,20 @@ def test_metrics_add_up_every_worker_and_survive_a_restart(tmp_path: Path) -> No
 
 def test_the_quickstart_example_against_serve(tmp_path: Path) -> None:
     """README's quick start: examples/quickstart.py against `serve` with the demo org."""
+    _quickstart([sys.executable, str(ROOT / "examples" / "quickstart.py")], tmp_path)
+
+
+def _quickstart(command: list[str], tmp_path: Path) -> None:
+    """A quick start example against `serve` and the demo org: it prints what README
+    shows."""
     proc, port = start_serve(tmp_path)
     try:
-        out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"),
-                              f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([*command, f"127.0.0.1:{port}"], capture_output=True, text=True,
+                             timeout=60)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "committed 1733 tokens; meter [1,733/3,000,000 used]"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        close_and_stop([], proc)
 
 
 def test_a_node_runtime_reserves_and_commits(tmp_path: Path) -> None:
@@ -530,15 +535,7 @@ def test_a_node_runtime_reserves_and_commits(tmp_path: Path) -> None:
     if not (example / "node_modules" / "@grpc" / "grpc-js").exists():
         subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--silent"], cwd=example,
                        check=True, timeout=300)
-    proc, port = start_serve(tmp_path)
-    try:
-        out = subprocess.run([node, str(example / "quickstart.mjs"), f"127.0.0.1:{port}"],
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == "committed 1733 tokens; meter [1,733/3,000,000 used]"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+    _quickstart([node, str(example / "quickstart.mjs")], tmp_path)
 
 
 def test_the_admin_command_calls_any_method_with_json(tmp_path: Path) -> None:

@@ -118,7 +118,9 @@ class Calls:
 class Outcome:
     """A Reserve's answer, as `reservation()` hands it to the block."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: Any, subject: SubjectLike, charges: Amounts | None,
+                 kw: dict[str, Any]) -> None:
+        self._client, self._subject, self._charges, self._kw = client, subject, charges, kw
         self.response: quota_pb2.ReserveResponse | None = None
         self.actual: dict[str, int] | None = None
         #: the Commit's or Refund's answer, once the block is left

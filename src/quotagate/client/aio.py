@@ -119,10 +119,7 @@ class QuotaClient(c.Calls):
 class Reservation(c.Outcome):
     """One Reserve and its outcome (see QuotaClient.reservation)."""
 
-    def __init__(self, client: QuotaClient, subject: c.SubjectLike,
-                 charges: c.Amounts | None, kw: dict[str, Any]) -> None:
-        super().__init__()
-        self._client, self._subject, self._charges, self._kw = client, subject, charges, kw
+    _client: QuotaClient
 
     async def __aenter__(self) -> Reservation:
         self.response = await self._client.reserve(self._subject, self._charges, **self._kw)

@@ -65,10 +65,7 @@ class SyncQuotaClient(c.Calls):
 
 
 class SyncReservation(c.Outcome):
-    def __init__(self, client: SyncQuotaClient, subject: c.SubjectLike,
-                 charges: c.Amounts | None, kw: dict[str, Any]) -> None:
-        super().__init__()
-        self._client, self._subject, self._charges, self._kw = client, subject, charges, kw
+    _client: SyncQuotaClient
 
     def __enter__(self) -> SyncReservation:
         self.response = self._client.reserve(self._subject, self._charges, **self._kw)
