@@ -229,3 +229,48 @@ def test_a_client_made_outside_the_event_loop(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+async def test_watch_events_resumes_across_cut_streams(redis_server: Any, redis: Any,
+                                                       clock: Any, tmp_path: Any) -> None:
+    """Connections renewed every second cut the stream; the client reopens it after the
+    last event it got: every event arrives once, in order."""
+    import json
+
+    from quotagate.app import App
+    from quotagate.events.hub import hub_for
+    from quotagate.ledger.keys import Keys
+    from quotagate.settings import Settings
+
+    app = await App(Settings(listen="127.0.0.1:0", redis_url=redis_server.url, shards=64,
+                             sweep_interval_ms=600_000, grace_seconds=0, data_dir=tmp_path,
+                             metrics_listen="127.0.0.1:0", max_connection_age_seconds=1,
+                             max_connection_age_grace_seconds=0.3), clock=clock).start()
+    stream = Keys(64).events(Keys(64).shard_of("acme"))
+    sent: list[str] = []
+
+    async def produce() -> None:
+        for i in range(30):
+            sent.append(f"wallet.low:acme:{i}")
+            await redis.xadd(stream, {"id": sent[-1], "type": "wallet.low", "org": "acme",
+                                      "attrs": json.dumps({"n": str(i)}), "at": "1"})
+            await asyncio.sleep(0.1)
+
+    try:
+        async with QuotaClient(f"127.0.0.1:{app.port}", channels=1) as client:
+            events = client.watch_events("acme")
+            first = asyncio.ensure_future(anext(events))
+            hub = hub_for(app.ledger.redis, app.ledger.keys)  # type: ignore[union-attr]
+            for _ in range(500):  # until the stream is open
+                if hub.subscribers:
+                    break
+                await asyncio.sleep(0.01)
+            producer = asyncio.create_task(produce())
+            got = [(await asyncio.wait_for(first, 10)).id]
+            while len(got) < 30:
+                got.append((await asyncio.wait_for(anext(events), 10)).id)
+            await producer
+            await events.aclose()
+        assert got == sent  # 3 s of events over several renewed connections
+    finally:
+        await app.stop()

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from quotagate.client import _common as c
-from quotagate.v1 import quota_pb2, quota_pb2_grpc
+from quotagate.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 
 log = logging.getLogger("quotagate.client")
 
@@ -39,6 +39,7 @@ class QuotaClient(c.Calls):
         self.target, self._credentials, self._n = target, credentials, channels
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[quota_pb2_grpc.QuotaServiceStub] = []
+        self._admin: list[admin_pb2_grpc.AdminServiceStub] = []
         self._next = itertools.cycle(range(channels))
         self._metadata = c.metadata(api_key)
         self.timeout, self.retries = timeout, retries
@@ -54,10 +55,11 @@ class QuotaClient(c.Calls):
                               if cred else grpc.aio.insecure_channel(self.target, options=opts)
                               for _ in range(self._n)]
             self._stubs = [quota_pb2_grpc.QuotaServiceStub(ch) for ch in self._channels]
+            self._admin = [admin_pb2_grpc.AdminServiceStub(ch) for ch in self._channels]
         return self._stubs[next(self._next)]
 
     async def close(self) -> None:
-        channels, self._channels, self._stubs = self._channels, [], []
+        channels, self._channels, self._stubs, self._admin = self._channels, [], [], []
         for ch in channels:
             await ch.close()
 
@@ -97,6 +99,32 @@ class QuotaClient(c.Calls):
                 async for msg in stream:
                     failures = 0
                     yield msg
+                return
+            except grpc.aio.AioRpcError as e:
+                if not reconnect or e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                failures += 1
+            finally:
+                stream.cancel()
+            await asyncio.sleep(c.backoff(min(failures, 6)))
+
+    async def watch_events(self, org_id: str, after: str = "", *, reconnect: bool = True
+                           ) -> AsyncIterator[admin_pb2.Event]:
+        """The org's events (AdminService.WatchEvents: an admin key) from now on, or from
+        the event after cursor `after`. A stream cut by UNAVAILABLE is opened again after
+        the last event received, so none is missed or repeated (as long as Redis still
+        holds them: else the server answers FAILED_PRECONDITION, raised here)."""
+        failures = 0
+        while True:
+            self._stub()  # the channels, on this loop
+            admin = self._admin[next(self._next)]
+            stream = admin.WatchEvents(admin_pb2.WatchEventsRequest(org_id=org_id, after=after),
+                                       metadata=self._metadata)
+            try:
+                async for msg in stream:
+                    failures = 0
+                    after = msg.event.cursor or after
+                    yield msg.event
                 return
             except grpc.aio.AioRpcError as e:
                 if not reconnect or e.code() != grpc.StatusCode.UNAVAILABLE:

@@ -19,7 +19,7 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 
-from quotagate.errors import Unavailable
+from quotagate.errors import FailedPrecondition, Unavailable
 from quotagate.events.model import Event
 from quotagate.events.notifier import _entries, _s
 from quotagate.ledger.keys import Keys
@@ -157,6 +157,43 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+async def replay(redis: Any, keys: Keys, org_id: str, after: tuple[int, int],
+                 batch: int = 500) -> AsyncIterator[Event]:
+    """The org's events after stream position `after` that its shard's stream still
+    holds, oldest first. FailedPrecondition when some may already have been trimmed (the
+    stream keeps about the newest 100,000): the caller cannot be sure it misses none."""
+    stream = keys.events(keys.shard_of(org_id))
+    start = f"{after[0]}-{after[1]}"
+    try:
+        first = await redis.xrange(stream, count=1)
+        if first:
+            ms, _, seq = _s(first[0][0]).partition("-")
+            gap = (int(ms), int(seq)) > after
+        else:  # empty: was anything written after `after` (and then trimmed)?
+            info = await redis.xinfo_stream(stream) if await redis.exists(stream) else {}
+            ms, _, seq = _s(info.get("last-generated-id", "0-0")).partition("-")
+            gap = (int(ms), int(seq)) > after
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
+        raise Unavailable(f"redis unreachable: {e}") from e
+    if gap:
+        raise FailedPrecondition(f"events after {start} may no longer all be in Redis (the "
+                                 "stream keeps the newest ~100,000 of a shard): watch from "
+                                 "now on, and read what happened from ListUsage and the "
+                                 "webhooks", "after")
+    while True:
+        try:
+            entries = await redis.xrange(stream, min="(" + start, count=batch)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
+            raise Unavailable(f"redis unreachable: {e}") from e
+        for entry_id, fields in entries:
+            start = _s(entry_id)
+            ev = Event.from_fields(fields or {}, stream, start)
+            if ev.org_id == org_id:
+                yield ev
+        if len(entries) < batch:
+            return
 
 
 def _shard_of_stream(stream: str) -> int:

@@ -24,6 +24,19 @@ def _flag(request: Any, name: str) -> bool:
     return bool(getattr(request, name)) if request.HasField(name) else True
 
 
+def parse_cursor(cursor: str) -> tuple[int, int] | None:
+    """An event's cursor (a stream entry id "<ms>-<seq>") as a comparable pair; None for
+    empty. Anything else is INVALID_ARGUMENT naming `after`."""
+    from quotagate.errors import InvalidArgument
+
+    if not cursor:
+        return None
+    ms, sep, seq = cursor.partition("-")
+    if not (sep and ms.isdigit() and seq.isdigit()) or len(cursor) > 41:
+        raise InvalidArgument("must be an event's cursor (\"<ms>-<seq>\")", "after")
+    return int(ms), int(seq)
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
@@ -134,19 +147,33 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def WatchEvents(self, request: admin_pb2.WatchEventsRequest,
                           context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
-        """Every event of the org from now on, until cancelled (not replayed)."""
+        """Every event of the org from now on, until cancelled; with `after`, first the
+        events after that cursor that the shard's stream still holds (subscribed first,
+        then read back, so none falls in between; one seen both ways is sent once)."""
         from quotagate.errors import QuotagateError
-        from quotagate.events.hub import Overflow, hub_for
+        from quotagate.events.hub import Overflow, hub_for, replay
         from quotagate.ledger import validate
         from quotagate.server.status import to_status
 
+        def out(ev: Any) -> admin_pb2.WatchEventsResponse:
+            return admin_pb2.WatchEventsResponse(event=admin_pb2.Event(
+                id=ev.id, type=ev.type, org_id=ev.org_id, attributes=dict(ev.attributes),
+                at=cv.ts(ev.at_ms), cursor=ev.entry_id))
+
         try:
             org = validate.ident(request.org_id, "org_id")
+            after = parse_cursor(request.after)
             async with hub_for(self.ledger.redis, self.ledger.keys).subscription(org) as sub:
+                last = after
+                if after is not None:
+                    async for ev in replay(self.ledger.redis, self.ledger.keys, org, after):
+                        last = parse_cursor(ev.entry_id)
+                        yield out(ev)
                 async for ev in sub:
-                    yield admin_pb2.WatchEventsResponse(event=admin_pb2.Event(
-                        id=ev.id, type=ev.type, org_id=ev.org_id,
-                        attributes=dict(ev.attributes), at=cv.ts(ev.at_ms)))
+                    at = parse_cursor(ev.entry_id)
+                    if last is not None and at is not None and at <= last:
+                        continue  # already sent from the stream's history
+                    yield out(ev)
         except QuotagateError as e:
             await context.abort_with_status(to_status(e))
         except Overflow as e:
