@@ -411,10 +411,16 @@ def test_connections_spread_again_after_a_worker_restarts(tmp_path: Path) -> Non
             time.sleep(0.1)
         call_all()
         os.kill(first[0], signal.SIGKILL)
-        call_all()  # every client is on the survivor now, the replacement not yet up
         survivor = first[1]
+        call_all()  # every client is on the survivor now, the replacement not yet up
         held = _connections_by_worker([survivor], port)
-        assert held[survivor] == 16, held
+        # (a connection being renewed, every second here, is briefly not counted; and
+        # once the replacement is up the renewals start moving connections to it)
+        if held[survivor] != 16 and len(_serve_children(proc.pid)) == 1:
+            call_all()
+            held = _connections_by_worker([survivor], port)
+        if len(_serve_children(proc.pid)) == 1:
+            assert held[survivor] == 16, held
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             now = _serve_children(proc.pid)
