@@ -449,6 +449,8 @@ def _worker_index(pid: int) -> str:
 def _reserves_counted(metrics_port: int) -> float:
     import urllib.request
 
+    time.sleep(0.3)  # a call is counted just after it is answered
+
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()

@@ -132,8 +132,10 @@ async def test_retries_stop_after_the_limit_and_never_repeat_extend(clock: Any,
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await client.reserve(subject("acme"), {M: 10})
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            # the server counts a call just after answering it: let the last one land
+            await asyncio.sleep(0.5)
             assert unavailable("Reserve") - n_reserve == 3  # the first try and 2 retries
-            assert time.monotonic() - t0 < 10
+            assert time.monotonic() - t0 < 10.5
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await client.extend(hold.reservation_id, {M: 5})
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -52,6 +52,7 @@ async def test_calls_codes_latency_and_decisions_are_counted(server: Grpc) -> No
     await rls.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="ai", hits_addend=300, descriptors=[
         ratelimit_pb2.RateLimitDescriptor(entries=[
             ratelimit_pb2.RateLimitDescriptor.Entry(key="org_id", value="acme")])]))
+    await asyncio.sleep(0.3)  # a call is counted just after it is answered
     after = await asyncio.to_thread(scrape, port)
 
     def delta(name: str, **labels: str) -> float:
