@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -83,18 +83,13 @@ class QuotaClient(c.Calls):
             await asyncio.sleep(c.backoff(attempt))
             attempt += 1
 
-    async def watch_status(self, org_id: str, assistant_ids: Sequence[str] = (), *,
-                           reconnect: bool = True
-                           ) -> AsyncIterator[quota_pb2.WatchStatusResponse]:
-        """The status of each watched assistant (none named: every assistant of the org),
-        then every change, for as long as the caller iterates. A stream that ends with
-        UNAVAILABLE (a renewed connection, a restarted server) is opened again, and
-        since each new stream starts with the current status of every assistant, no
-        change is missed: the caller may see a status twice, never miss one."""
-        request = quota_pb2.WatchStatusRequest(org_id=org_id, assistant_ids=list(assistant_ids))
+    async def _resubscribing(self, open_stream: Callable[[], Any],
+                             reconnect: bool) -> AsyncIterator[Any]:
+        """The messages of the stream `open_stream()` opens, opened again (backing off)
+        when it ends UNAVAILABLE, while `reconnect`."""
         failures = 0
         while True:
-            stream = self._stub().WatchStatus(request, metadata=self._metadata)
+            stream = open_stream()
             try:
                 async for msg in stream:
                     failures = 0
@@ -108,31 +103,36 @@ class QuotaClient(c.Calls):
                 stream.cancel()
             await asyncio.sleep(c.backoff(min(failures, 6)))
 
+    async def watch_status(self, org_id: str, assistant_ids: Sequence[str] = (), *,
+                           reconnect: bool = True
+                           ) -> AsyncIterator[quota_pb2.WatchStatusResponse]:
+        """The status of each watched assistant (none named: every assistant of the org),
+        then every change, for as long as the caller iterates. A stream that ends with
+        UNAVAILABLE (a renewed connection, a restarted server) is opened again, and
+        since each new stream starts with the current status of every assistant, no
+        change is missed: the caller may see a status twice, never miss one."""
+        request = quota_pb2.WatchStatusRequest(org_id=org_id, assistant_ids=list(assistant_ids))
+        async for msg in self._resubscribing(
+                lambda: self._stub().WatchStatus(request, metadata=self._metadata), reconnect):
+            yield msg
+
     async def watch_events(self, org_id: str, after: str = "", *, reconnect: bool = True
                            ) -> AsyncIterator[admin_pb2.Event]:
         """The org's events (AdminService.WatchEvents: an admin key) from now on, or from
         the event after cursor `after`. A stream cut by UNAVAILABLE is opened again after
         the last event received, so none is missed or repeated (as long as Redis still
         holds them: else the server answers FAILED_PRECONDITION, raised here)."""
-        failures = 0
-        while True:
+        last = [after]
+
+        def open_stream() -> Any:
             self._stub()  # the channels, on this loop
-            admin = self._admin[next(self._next)]
-            stream = admin.WatchEvents(admin_pb2.WatchEventsRequest(org_id=org_id, after=after),
-                                       metadata=self._metadata)
-            try:
-                async for msg in stream:
-                    failures = 0
-                    after = msg.event.cursor or after
-                    yield msg.event
-                return
-            except grpc.aio.AioRpcError as e:
-                if not reconnect or e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                failures += 1
-            finally:
-                stream.cancel()
-            await asyncio.sleep(c.backoff(min(failures, 6)))
+            return self._admin[next(self._next)].WatchEvents(
+                admin_pb2.WatchEventsRequest(org_id=org_id, after=last[0]),
+                metadata=self._metadata)
+
+        async for msg in self._resubscribing(open_stream, reconnect):
+            last[0] = msg.event.cursor or last[0]
+            yield msg.event
 
     def reservation(self, subject: c.SubjectLike, charges: c.Amounts | None = None,
                     **kw: Any) -> Reservation:
