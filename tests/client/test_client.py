@@ -276,3 +276,61 @@ async def test_watch_events_resumes_across_cut_streams(redis_server: Any, redis:
         assert got == sent  # 3 s of events over several renewed connections
     finally:
         await app.stop()
+
+
+async def test_watch_events_cut_before_its_first_event_misses_nothing(
+        redis_server: Any, redis: Any, clock: Any, tmp_path: Any) -> None:
+    """The server goes away before the stream has carried one event, events happen
+    while it is down: the reopened stream starts with them (from the cursor the first
+    stream's initial metadata gave), then goes on live."""
+    import json
+
+    from quotagate.app import App
+    from quotagate.client.aio import CURSOR_HEADER
+    from quotagate.events.hub import hub_for
+    from quotagate.ledger.keys import Keys
+    from quotagate.server.admin import CURSOR_HEADER as SERVER_HEADER
+    from quotagate.settings import Settings
+
+    assert CURSOR_HEADER == SERVER_HEADER
+
+    def settings(listen: str, sub: str) -> Settings:
+        return Settings(listen=listen, redis_url=redis_server.url, shards=64,
+                        sweep_interval_ms=600_000, grace_seconds=0, data_dir=tmp_path / sub,
+                        metrics_listen="127.0.0.1:0")
+
+    stream = Keys(64).events(Keys(64).shard_of("acme"))
+
+    async def event(i: int) -> str:
+        await redis.xadd(stream, {"id": f"wallet.low:acme:{i}", "type": "wallet.low",
+                                  "org": "acme", "attrs": json.dumps({"n": str(i)}), "at": "1"})
+        return f"wallet.low:acme:{i}"
+
+    await event(0)  # before the stream opens: not for this watcher
+    app = await App(settings("127.0.0.1:0", "a"), clock=clock).start()
+    port = app.port
+    second: App | None = None
+    try:
+        async with QuotaClient(f"127.0.0.1:{port}", channels=1) as client:
+            events = client.watch_events("acme")
+            first = asyncio.ensure_future(anext(events))
+            hub = hub_for(app.ledger.redis, app.ledger.keys)  # type: ignore[union-attr]
+            for _ in range(500):  # until the stream is open
+                if hub.subscribers:
+                    break
+                await asyncio.sleep(0.01)
+            assert hub.subscribers == 1
+            await asyncio.sleep(0.2)  # the client has the initial metadata
+            await app.stop()
+            missed = [await event(1), await event(2)]  # nobody is serving
+            second = await App(settings(f"127.0.0.1:{port}", "b"), clock=clock).start()
+            got = [(await asyncio.wait_for(first, 15)).id,
+                   (await asyncio.wait_for(anext(events), 10)).id]
+            assert got == missed
+            live = await event(3)
+            assert (await asyncio.wait_for(anext(events), 10)).id == live
+            await events.aclose()
+    finally:
+        await app.stop()
+        if second is not None:
+            await second.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -14,6 +14,10 @@ import grpc
 
 from quotagate.client import _common as c
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
+
+#: WatchEvents' initial metadata naming where the stream starts (the server's
+#: quotagate.server.admin.CURSOR_HEADER)
+CURSOR_HEADER = "quotagate-cursor"
 
 log = logging.getLogger("quotagate.client")
 
@@ -83,14 +87,17 @@ class QuotaClient(c.Calls):
             await asyncio.sleep(c.backoff(attempt))
             attempt += 1
 
-    async def _resubscribing(self, open_stream: Callable[[], Any],
-                             reconnect: bool) -> AsyncIterator[Any]:
+    async def _resubscribing(self, open_stream: Callable[[], Any], reconnect: bool,
+                             opened: Callable[[Any], Awaitable[None]] | None = None
+                             ) -> AsyncIterator[Any]:
         """The messages of the stream `open_stream()` opens, opened again (backing off)
-        when it ends UNAVAILABLE, while `reconnect`."""
+        when it ends UNAVAILABLE, while `reconnect`; `opened(stream)` first, each time."""
         failures = 0
         while True:
             stream = open_stream()
             try:
+                if opened is not None:
+                    await opened(stream)
                 async for msg in stream:
                     failures = 0
                     yield msg
@@ -130,7 +137,16 @@ class QuotaClient(c.Calls):
                 admin_pb2.WatchEventsRequest(org_id=org_id, after=last[0]),
                 metadata=self._metadata)
 
-        async for msg in self._resubscribing(open_stream, reconnect):
+        async def opened(stream: Any) -> None:
+            if last[0]:
+                return
+            # Cut before its first event: resume from where the stream started (the
+            # server's `quotagate-cursor` header), so what happened since is replayed.
+            for k, v in await stream.initial_metadata() or ():
+                if k == CURSOR_HEADER and v:
+                    last[0] = v
+
+        async for msg in self._resubscribing(open_stream, reconnect, opened):
             last[0] = msg.event.cursor or last[0]
             yield msg.event
 

@@ -34,10 +34,13 @@ class Overflow(Exception):
 class Subscription:
     """Events of one org, from the moment of ``subscribe`` on. Iterate it; close it."""
 
-    def __init__(self, hub: EventHub, org_id: str, shard: int, size: int) -> None:
+    def __init__(self, hub: EventHub, org_id: str, shard: int, size: int,
+                 start: str = "0-0") -> None:
         self.hub = hub
         self.org_id = org_id
         self.shard = shard
+        #: the shard stream's position at subscription: every event after it is delivered
+        self.start = start
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue(size)
         self.overflowed = False
 
@@ -89,7 +92,7 @@ class EventHub:
             except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
                 raise Unavailable(f"redis unreachable: {e}") from e
             self._cursor.setdefault(shard, _s(last[0][0]) if last else "0-0")
-        sub = Subscription(self, org_id, shard, self.queue_size)
+        sub = Subscription(self, org_id, shard, self.queue_size, self._cursor[shard])
         self._subs.setdefault(shard, set()).add(sub)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._read(), name="event-hub")

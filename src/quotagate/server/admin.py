@@ -18,6 +18,9 @@ from quotagate.server.status import translated
 from quotagate.sync.sink import GROUP_COLUMNS, Sink, UsageQuery
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
 
+#: WatchEvents' initial metadata: the cursor the stream continues from (see admin.proto)
+CURSOR_HEADER = "quotagate-cursor"
+
 
 def _flag(request: Any, name: str) -> bool:
     """An `optional bool` left out means true: a new org has AI on, a new assistant is on."""
@@ -165,6 +168,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             after = parse_cursor(request.after)
             async with hub_for(self.ledger.redis, self.ledger.keys).subscription(org) as sub:
                 last = after
+                # Where this stream starts: a client cut off before the first event
+                # resumes from here, and misses nothing that happened in between.
+                await context.send_initial_metadata(
+                    ((CURSOR_HEADER, request.after if after is not None else sub.start),))
                 if after is not None:
                     async for ev in replay(self.ledger.redis, self.ledger.keys, org, after):
                         last = parse_cursor(ev.entry_id)
