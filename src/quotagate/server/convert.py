@@ -45,7 +45,10 @@ def charges_pb(items: Iterable[model.Charge]) -> list[dict[str, object]]:
 _PERIOD_TS: dict[int, Timestamp] = {}
 
 
-def period_ts(ms: int) -> Timestamp:
+def period_ts(ms: int) -> Timestamp | None:
+    """A period bound; None (the field unset) for 0: a gauge meter has no period."""
+    if not ms:
+        return None
     t = _PERIOD_TS.get(ms)
     if t is None:
         if len(_PERIOD_TS) >= 4096:
