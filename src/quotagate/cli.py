@@ -6,9 +6,25 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import Any
 
 from quotagate.errors import ConfigError
-from quotagate.settings import apply_grpc_io, load_settings
+from quotagate.settings import PREFIX, apply_grpc_io, load_settings
+
+#: `serve` flags that stand for a QUOTAGATE_* variable (argparse dest = Settings field)
+SERVE_FLAGS = ("listen", "redis_url", "database_url", "data_dir", "catalog",
+               "metrics_listen", "log_level")
+
+
+def export_flags(flags: dict[str, str | None], environ: Any = None) -> None:
+    """The flags given, as their variables, so the workers of `serve --workers N` (which
+    read the environment) run with them too: a flag overrides the variable."""
+    import os
+
+    env = os.environ if environ is None else environ
+    for name, value in flags.items():
+        if value is not None:
+            env[PREFIX + name.upper()] = value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,8 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the sidecar (gRPC on QUOTAGATE_LISTEN)")
     serve.add_argument("--listen", help="QUOTAGATE_LISTEN")
     serve.add_argument("--redis-url", help="QUOTAGATE_REDIS_URL")
+    serve.add_argument("--database-url", help="QUOTAGATE_DATABASE_URL")
     serve.add_argument("--data-dir", help="QUOTAGATE_DATA_DIR")
     serve.add_argument("--catalog", help="QUOTAGATE_CATALOG")
+    serve.add_argument("--metrics-listen", help="QUOTAGATE_METRICS_LISTEN")
     serve.add_argument("--log-level", help="QUOTAGATE_LOG_LEVEL")
     serve.add_argument("--workers", type=int, help="QUOTAGATE_WORKERS: server processes "
                        "sharing the port (default: the number of cores)")
@@ -73,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         return _health(args)
     if args.command == "admin":
         return _admin(args)
+    flags = {name: getattr(args, name) for name in SERVE_FLAGS}
     try:
-        settings = load_settings(listen=args.listen, redis_url=args.redis_url,
-                                 data_dir=args.data_dir, catalog=args.catalog,
-                                 log_level=args.log_level, workers=args.workers)
+        settings = load_settings(**flags, workers=args.workers)
     except ConfigError as e:
         print(f"quotagate: configuration error: {e}", file=sys.stderr)
         return 2
+    export_flags(flags)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if "grpc" in sys.modules:  # pragma: no cover - only when embedded in another program
