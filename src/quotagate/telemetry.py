@@ -21,7 +21,9 @@ array of integers, and exported by a collector of the same registry:
 - `quotagate_rpc_duration_seconds` (histogram, labels `service`, `method`): time in
   quotagate from the decoded request to the answer;
 - `quotagate_decisions_total` (labels `method`, `decision`, `reason`): what Reserve,
-  Check, Extend and Envoy's ShouldRateLimit decided (`granted`/`denied`, the DenyReason).
+  Check, Extend and Envoy's ShouldRateLimit decided (`granted`/`denied`, the DenyReason);
+- `quotagate_fail_open_total` (label `method`): calls answered by `QUOTAGATE_FAIL_OPEN`
+  without Redis (not in the decisions: the ledger decided nothing).
 
 With `serve --workers N` every worker counts into a file of its own that it maps into
 memory (in a directory the supervisor makes and removes), and worker 0, which alone
@@ -196,11 +198,13 @@ REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 #: the decisions counted per method (the others never decide)
 DECIDING = ("Reserve", "Check", "Extend", "ShouldRateLimit")
 # one method's slots: counts per code, histogram buckets (+Inf last), the sum of the
-# latencies in nanoseconds, then decisions: granted × reason, denied × reason
+# latencies in nanoseconds, decisions: granted × reason, denied × reason, then the
+# fail-open answers
 _NB = len(BUCKETS) + 1
 _SUM = len(CODES) + _NB
 _DEC = _SUM + 1
-STRIDE = _DEC + 2 * len(REASONS)
+_OPEN = _DEC + 2 * len(REASONS)
+STRIDE = _OPEN + 1
 SLOTS = STRIDE * len(METHODS)
 SIZE = 8 * SLOTS
 
@@ -243,6 +247,10 @@ class RpcStats:
     def decided(self, method: int, granted: bool, reason: DenyReason) -> None:
         self.a[method * STRIDE + _DEC + (0 if granted else len(REASONS))
                + REASON_INDEX[reason]] += 1
+
+    def failed_open(self, method: int) -> None:
+        """A call answered without Redis (QUOTAGATE_FAIL_OPEN)."""
+        self.a[method * STRIDE + _OPEN] += 1
 
     def totals(self) -> list[int]:
         """Every slot summed over the workers sharing the directory (or this process)."""
@@ -294,6 +302,8 @@ class _RpcCollector:
                                          labels=["service", "method"], unit="seconds")
         decisions = CounterMetricFamily("quotagate_decisions", "what the calls that decide "
                                         "decided", labels=["method", "decision", "reason"])
+        fail_open = CounterMetricFamily("quotagate_fail_open", "calls answered without "
+                                        "Redis (QUOTAGATE_FAIL_OPEN)", labels=["method"])
         for i, full in enumerate(METHODS):
             service, _, name = full[1:].rpartition("/")
             base = i * STRIDE
@@ -313,6 +323,9 @@ class _RpcCollector:
                         n = t[base + _DEC + d * len(REASONS) + k]
                         if n:
                             decisions.add_metric([name, label, r.name.lower()], n)
+            if t[base + _OPEN]:
+                fail_open.add_metric([name], t[base + _OPEN])
         yield requests
         yield duration
         yield decisions
+        yield fail_open

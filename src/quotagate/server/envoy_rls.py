@@ -29,7 +29,10 @@ an error (DESIGN §2).
 
 Bad input (no descriptor, no `org_id`, an unknown entry key or meter) is INVALID_ARGUMENT
 naming the field, and nothing of the request is charged. Redis unreachable is
-UNAVAILABLE: Envoy's `failure_mode_deny` decides whether the request goes on.
+UNAVAILABLE: Envoy's `failure_mode_deny` decides whether the request goes on. With
+`fail_open` (QUOTAGATE_FAIL_OPEN) quotagate decides instead: each descriptor Redis could
+not answer is OK (no figures, nothing charged or recorded), so the answer is OK unless
+another descriptor was really denied.
 """
 
 from __future__ import annotations
@@ -41,11 +44,19 @@ import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from quotagate import telemetry
-from quotagate.errors import InvalidArgument
+from quotagate.errors import InvalidArgument, Unavailable
 from quotagate.ledger import validate
-from quotagate.ledger.model import Charge, ChargeResult, Decision, MeterBalance, MeterKind, Subject
+from quotagate.ledger.model import (
+    Charge,
+    ChargeResult,
+    Decision,
+    DenyReason,
+    MeterBalance,
+    MeterKind,
+    Subject,
+)
 from quotagate.ledger.store import Ledger
-from quotagate.server.status import translated
+from quotagate.server.status import FAIL_OPEN, translated
 
 SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 ENTRY_KEYS = ("org_id", "team_id", "seat_id", "assistant_id", "meter", "action", "feature")
@@ -55,6 +66,8 @@ _METHOD = telemetry.method_index(f"/{SERVICE}/ShouldRateLimit")
 Response = rls_pb2.RateLimitResponse
 OK, OVER_LIMIT = Response.OK, Response.OVER_LIMIT
 MONTH, NO_UNIT = Response.RateLimit.MONTH, Response.RateLimit.UNKNOWN
+#: a descriptor answered without Redis (fail-open)
+_OPEN = ChargeResult(Decision.GRANTED, DenyReason.NONE, False, (), ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +88,9 @@ def _clamp(n: int) -> int:
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     SERVICE = SERVICE
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, fail_open: bool = False) -> None:
         self.ledger = ledger
+        self.fail_open = fail_open
 
     def _ask(self, i: int, d: object, hits: int) -> _Ask:
         where = f"descriptors[{i}]"
@@ -137,6 +151,21 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
                 st.duration_until_reset.FromMilliseconds(b.period_end_ms - now_ms)
         return st
 
+    async def _run_open(self, asks: list[_Ask]) -> list[ChargeResult]:
+        """Every descriptor run; those Redis could not answer are OK (fail-open)."""
+        got = await asyncio.gather(*(self._run(a) for a in asks), return_exceptions=True)
+        out: list[ChargeResult] = []
+        cause: Unavailable | None = None
+        for r in got:
+            if isinstance(r, Unavailable):
+                cause, r = r, _OPEN
+            elif isinstance(r, BaseException):
+                raise r
+            out.append(r)
+        if cause is not None:
+            FAIL_OPEN.answered(_METHOD, "ShouldRateLimit", cause)
+        return out
+
     @translated
     async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest,
                               context: grpc.aio.ServicerContext) -> rls_pb2.RateLimitResponse:
@@ -145,10 +174,14 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         hits = request.hits_addend or 1
         # every descriptor is checked before anything is charged
         asks = [self._ask(i, d, hits) for i, d in enumerate(request.descriptors)]
-        results = await asyncio.gather(*(self._run(a) for a in asks))
+        if self.fail_open:
+            results = await self._run_open(asks)
+        else:
+            results = await asyncio.gather(*(self._run(a) for a in asks))
         now = self.ledger.clock.now_ms()
         for r in results:
-            telemetry.RPC.decided(_METHOD, r.decision is Decision.GRANTED, r.reason)
+            if r is not _OPEN:
+                telemetry.RPC.decided(_METHOD, r.decision is Decision.GRANTED, r.reason)
         out = Response(overall_code=OK, statuses=[self._status(r, now) for r in results])
         denied = [r for r in results if r.decision is not Decision.GRANTED]
         if denied:

@@ -1,39 +1,68 @@
-"""QuotaService: the runtime calls. Each is one script run, one Redis round trip."""
+"""QuotaService: the runtime calls. Each is one script run, one Redis round trip.
+
+With `fail_open` (QUOTAGATE_FAIL_OPEN), a Reserve or Check that Redis cannot answer
+(UNAVAILABLE) is answered as granted / active, without Redis: the Reserve under a
+fail-open id (`open.` and 32 hex digits; real ids are `r<shard>.…`, keys.py), which holds
+nothing, so its Commit, Refund and Extend are answered as done without Redis too (with
+Redis back as well). Nothing of it is recorded. GetBalance, and Commit and Refund of a
+real hold, stay UNAVAILABLE. Input is validated first, as on the normal path."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping
 
 import grpc
 
 from quotagate import telemetry
+from quotagate.errors import InvalidArgument, Unavailable
+from quotagate.ledger import validate
 from quotagate.ledger.model import Decision
-from quotagate.ledger.store import Ledger
+from quotagate.ledger.store import TOKENS, Ledger
 from quotagate.server import convert as cv
-from quotagate.server.status import translated
+from quotagate.server.status import FAIL_OPEN, translated
 from quotagate.v1 import common_pb2, quota_pb2, quota_pb2_grpc
 
 SERVICE = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
-_RESERVE, _CHECK, _EXTEND = (telemetry.method_index(f"/{SERVICE}/{m}")
-                             for m in ("Reserve", "Check", "Extend"))
+_RESERVE, _CHECK, _EXTEND, _COMMIT, _REFUND = (
+    telemetry.method_index(f"/{SERVICE}/{m}")
+    for m in ("Reserve", "Check", "Extend", "Commit", "Refund"))
 _GRANTED = Decision.GRANTED
+
+#: reservation ids of fail-open grants; never a real one (keys.py: r<shard>.<32 hex>)
+OPEN_PREFIX = "open."
+_OPEN_ID = re.compile(r"^open\.[0-9a-f]{32}$")
+
+
+def new_open_id() -> str:
+    return OPEN_PREFIX + TOKENS.next()
+
+
+def is_open_id(reservation_id: str) -> bool:
+    return _OPEN_ID.match(reservation_id) is not None
 
 
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     SERVICE = SERVICE
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, fail_open: bool = False) -> None:
         self.ledger = ledger
+        self.fail_open = fail_open
 
     @translated
     async def Reserve(self, request: quota_pb2.ReserveRequest,
                       context: grpc.aio.ServicerContext) -> quota_pb2.ReserveResponse:
-        r = await self.ledger.reserve(
-            cv.subject(request.subject), cv.charges(request.charges),
-            idempotency_key=request.idempotency_key, action=request.action,
-            feature=request.feature, ttl_seconds=request.ttl_seconds,
-            allow_partial=request.allow_partial,
-            labels=dict(request.labels) if request.labels else None)
+        try:
+            r = await self.ledger.reserve(
+                cv.subject(request.subject), cv.charges(request.charges),
+                idempotency_key=request.idempotency_key, action=request.action,
+                feature=request.feature, ttl_seconds=request.ttl_seconds,
+                allow_partial=request.allow_partial,
+                labels=dict(request.labels) if request.labels else None)
+        except Unavailable as e:
+            if not self.fail_open:
+                raise
+            return self._open_reserve(request, e)
         telemetry.RPC.decided(_RESERVE, r.decision is _GRANTED, r.reason)
         out = quota_pb2.ReserveResponse(
             decision=cv.DECISION[r.decision], reason=cv.REASON[r.reason], silent=r.silent,
@@ -42,11 +71,38 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         cv.add_balances(out.balances, r.balances)
         return out
 
+    def _open_reserve(self, request: quota_pb2.ReserveRequest,
+                      cause: Unavailable) -> quota_pb2.ReserveResponse:
+        """Granted in full without Redis (the ledger validated the request already)."""
+        led = self.ledger
+        items = led.catalog.actions[request.action] if request.action \
+            else cv.charges(request.charges)
+        FAIL_OPEN.answered(_RESERVE, "Reserve", cause)
+        return quota_pb2.ReserveResponse(
+            decision=common_pb2.DECISION_GRANTED, reservation_id=new_open_id(),
+            granted=cv.charges_pb(items),
+            expires_at=cv.ts(led.clock.now_ms() + led._ttl_ms(request.ttl_seconds)))
+
+    @staticmethod
+    def _open_hold(reservation_id: str, e: InvalidArgument) -> bool:
+        """Whether the ledger refused `reservation_id` for being a fail-open id: then the
+        call is answered without Redis (nothing is held), once its other fields pass."""
+        return e.field == "reservation_id" and is_open_id(reservation_id)
+
     @translated
     async def Commit(self, request: quota_pb2.CommitRequest,
                      context: grpc.aio.ServicerContext) -> quota_pb2.CommitResponse:
-        r = await self.ledger.commit(request.reservation_id, cv.charges(request.actual),
-                                     dict(request.labels) if request.labels else None)
+        try:
+            r = await self.ledger.commit(request.reservation_id, cv.charges(request.actual),
+                                         dict(request.labels) if request.labels else None)
+        except InvalidArgument as e:
+            if not self._open_hold(request.reservation_id, e):
+                raise
+            actual = validate.charges(self.ledger.catalog, cv.charges(request.actual),
+                                      "actual", allow_zero=True, required=False)
+            FAIL_OPEN.answered(_COMMIT, "Commit", request.reservation_id)
+            return quota_pb2.CommitResponse(state=common_pb2.HOLD_STATE_COMMITTED,
+                                            charged=cv.charges_pb(actual))
         out = quota_pb2.CommitResponse(state=cv.HOLD_STATE[r.state])
         cv.add_charges(out.charged, r.amounts)
         cv.add_balances(out.balances, r.balances)
@@ -55,8 +111,19 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     @translated
     async def Refund(self, request: quota_pb2.RefundRequest,
                      context: grpc.aio.ServicerContext) -> quota_pb2.RefundResponse:
-        r = await self.ledger.refund(request.reservation_id, cv.charges(request.amount),
-                                     request.reason)
+        try:
+            r = await self.ledger.refund(request.reservation_id, cv.charges(request.amount),
+                                         request.reason)
+        except InvalidArgument as e:
+            if not self._open_hold(request.reservation_id, e):
+                raise
+            amount = validate.charges(self.ledger.catalog, cv.charges(request.amount),
+                                      "amount", required=False)
+            if len(request.reason) > 1024:
+                raise InvalidArgument("must be at most 1024 characters", "reason") from None
+            FAIL_OPEN.answered(_REFUND, "Refund", request.reservation_id)
+            return quota_pb2.RefundResponse(state=common_pb2.HOLD_STATE_REFUNDED,
+                                            refunded=cv.charges_pb(amount))
         out = quota_pb2.RefundResponse(state=cv.HOLD_STATE[r.state])
         cv.add_charges(out.refunded, r.amounts)
         cv.add_balances(out.balances, r.balances)
@@ -65,8 +132,20 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     @translated
     async def Extend(self, request: quota_pb2.ExtendRequest,
                      context: grpc.aio.ServicerContext) -> quota_pb2.ExtendResponse:
-        r = await self.ledger.extend(request.reservation_id, cv.charges(request.additional),
-                                     request.ttl_seconds)
+        try:
+            r = await self.ledger.extend(request.reservation_id,
+                                         cv.charges(request.additional), request.ttl_seconds)
+        except InvalidArgument as e:
+            if not self._open_hold(request.reservation_id, e):
+                raise
+            led = self.ledger
+            additional = validate.charges(led.catalog, cv.charges(request.additional),
+                                          "additional", required=False)
+            ttl_ms = led._ttl_ms(request.ttl_seconds)
+            FAIL_OPEN.answered(_EXTEND, "Extend", request.reservation_id)
+            return quota_pb2.ExtendResponse(
+                decision=common_pb2.DECISION_GRANTED, granted=cv.charges_pb(additional),
+                expires_at=cv.ts(led.clock.now_ms() + ttl_ms))
         telemetry.RPC.decided(_EXTEND, r.decision is _GRANTED, r.reason)
         return quota_pb2.ExtendResponse(decision=cv.DECISION[r.decision],
                                         reason=cv.REASON[r.reason],
@@ -76,7 +155,14 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     @translated
     async def Check(self, request: quota_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> quota_pb2.CheckResponse:
-        r = await self.ledger.check(cv.subject(request.subject), request.meter, request.feature)
+        try:
+            r = await self.ledger.check(cv.subject(request.subject), request.meter,
+                                        request.feature)
+        except Unavailable as e:
+            if not self.fail_open:
+                raise
+            FAIL_OPEN.answered(_CHECK, "Check", e)
+            return quota_pb2.CheckResponse(active=True)
         telemetry.RPC.decided(_CHECK, r.active, r.reason)
         out = quota_pb2.CheckResponse(active=r.active, reason=cv.REASON[r.reason],
                                       silent=r.silent)

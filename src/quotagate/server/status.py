@@ -1,4 +1,5 @@
-"""Exceptions -> gRPC status codes and details, in one table."""
+"""Exceptions -> gRPC status codes and details, in one table; the bookkeeping of the
+answers QUOTAGATE_FAIL_OPEN gives instead of UNAVAILABLE."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from grpc_status import rpc_status
 from quotagate import errors, telemetry
 
 log = logging.getLogger(__name__)
+
+#: a fail-open answer is logged at most once per this many seconds (all are counted)
+FAIL_OPEN_LOG_EVERY = 5.0
 
 CODES: dict[type[errors.QuotagateError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -78,3 +82,29 @@ def translated(fn: F) -> F:
                 telemetry.RPC.observe(slot[0], code, time.perf_counter() - t0)
 
     return wrapper  # type: ignore[return-value]
+
+
+class FailOpen:
+    """Each answer given without Redis (QUOTAGATE_FAIL_OPEN) is counted in
+    `quotagate_fail_open_total{method}` and logged at WARNING, at most once per `every`
+    seconds with how many were given since the last line."""
+
+    def __init__(self, every: float = FAIL_OPEN_LOG_EVERY) -> None:
+        self.every = every
+        self._last = float("-inf")
+        self._since = 0
+
+    def answered(self, method: int, name: str, cause: object) -> None:
+        if method >= 0:
+            telemetry.RPC.failed_open(method)
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            log.warning("fail-open: %d call(s) answered without Redis since the last such "
+                        "line, their usage recorded nowhere (last: %s: %s)", self._since,
+                        name, cause)
+            self._last, self._since = now, 0
+
+
+#: one for the process: the servicers share the rate limit of the log line
+FAIL_OPEN = FailOpen()
