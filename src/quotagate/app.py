@@ -108,13 +108,14 @@ class App:
         interceptors = [auth.AuthInterceptor(auth.Authorizer(
             keyring, self.redis, self.ledger.keys))] if keyring else None
         server = grpc.aio.server(options=server_options(s), interceptors=interceptors)
-        quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(self.ledger), server)
+        quota_pb2_grpc.add_QuotaServiceServicer_to_server(
+            QuotaServicer(self.ledger, fail_open=s.fail_open), server)
         self.sink = open_sink(default_url(s.database_url, s.data_dir))  # no I/O yet
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(self.ledger, usage=self.sink), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(self.ledger),
-                                                            server)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+            RateLimitServicer(self.ledger, fail_open=s.fail_open), server)
         reflection.enable_server_reflection((
             envoy_rls.SERVICE,
             quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
