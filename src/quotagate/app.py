@@ -19,18 +19,19 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisError
 
 from quotagate import catalog as catalog_mod
 from quotagate import telemetry
 from quotagate.clock import Clock, SystemClock
 from quotagate.embedded import EmbeddedRedis
-from quotagate.errors import ConfigError, QuotagateError
+from quotagate.errors import ConfigError, QuotagateError, Unavailable
 from quotagate.events.notifier import Notifier, NotifierOptions
 from quotagate.ledger.keys import Keys
 from quotagate.ledger.model import SeatLimit
 from quotagate.ledger.mux import ClusterMux
 from quotagate.ledger.store import Ledger, LedgerOptions
-from quotagate.server import auth, envoy_rls
+from quotagate.server import auth, envoy_rls, tracing
 from quotagate.server.admin import AdminServicer
 from quotagate.server.envoy_rls import RateLimitServicer
 from quotagate.server.health import Health
@@ -42,6 +43,9 @@ from quotagate.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 from quotagate.workers import INDEX_VAR, STATS_DIR_VAR
 
 log = logging.getLogger("quotagate")
+
+#: how often a running server checks that Redis still holds the catalog's plans
+CATALOG_CHECK_SECONDS = 1.0
 
 
 class App:
@@ -59,6 +63,8 @@ class App:
         self.sink: Sink | None = None
         self.syncer: Syncer | None = None
         self.metrics: telemetry.MetricsServer | None = None
+        self.tracing: tracing.Tracing | None = None
+        self.interceptors: list[grpc.aio.ServerInterceptor] = []
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -100,8 +106,9 @@ class App:
         if isinstance(self.ledger.mux, ClusterMux):
             telemetry.watch_cluster(self.ledger.mux)
         self.health = Health(self.ledger)
+        applied = False
         if await self.health.probe():
-            await self._apply_catalog(cat)
+            applied = await self._try_catalog(cat)
         else:
             log.error("redis at %s is not answering; serving NOT_SERVING until it does", url)
 
@@ -130,7 +137,8 @@ class App:
         self.server = server
         await self.health.update()
         self._tasks = [asyncio.create_task(self.health.run(), name="health"),
-                       asyncio.create_task(self._sweeper(), name="sweeper")]
+                       asyncio.create_task(self._sweeper(), name="sweeper"),
+                       asyncio.create_task(self._keep_catalog(cat, applied), name="catalog")]
         if keyring is not None and keyring.path is not None:
             self._tasks.append(asyncio.create_task(self._watch_keys(keyring), name="keys"))
         await self._start_sync(cat)
@@ -142,8 +150,42 @@ class App:
                  "embedded" if self.embedded else "external")
         return self
 
+    async def _try_catalog(self, cat: catalog_mod.CatalogFile) -> bool:
+        """Apply the catalog; False when Redis did not answer (a bad seed still raises)."""
+        try:
+            await self._apply_catalog(cat)
+        except (Unavailable, RedisError, OSError) as e:
+            log.warning("catalog not applied yet, redis not answering (retrying): %s", e)
+            return False
+        return True
+
+    async def _keep_catalog(self, cat: catalog_mod.CatalogFile, applied: bool) -> None:
+        """Apply the catalog as soon as Redis answers when it did not at start, and again
+        when Redis comes back without it (restarted without its data): checked with one
+        EXISTS of a catalog plan every CATALOG_CHECK_SECONDS."""
+        assert self.ledger is not None
+        probe = next((self.ledger.keys.plan(name) for name in cat.catalog.plans), None)
+        while not applied or probe is not None:
+            await asyncio.sleep(CATALOG_CHECK_SECONDS)
+            if applied:
+                try:
+                    if await self.redis.exists(probe):
+                        continue
+                except (RedisError, OSError):
+                    continue  # down: health reports it; checked again when it answers
+                log.warning("catalog plans missing in redis (restarted without its data?): "
+                            "applying the catalog again")
+            try:
+                applied = await self._try_catalog(cat)
+            except QuotagateError as e:
+                log.error("catalog not applied: %s", e)
+                return
+            if applied:
+                log.info("catalog applied")
+
     async def _apply_catalog(self, cat: catalog_mod.CatalogFile) -> None:
-        """Catalog plans are (re)applied at every start; the demo seed is idempotent."""
+        """Catalog plans are (re)applied at every start (and when Redis lost them, see
+        _keep_catalog); the demo seed is idempotent."""
         assert self.ledger is not None
         ledger = self.ledger
         for name, allowances in cat.catalog.plans.items():
@@ -226,6 +268,8 @@ class App:
             await self.sink.close()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.tracing is not None:
+            await self.tracing.aclose()
         if self.ledger is not None:
             await self.ledger.aclose()
         if self.redis is not None:
