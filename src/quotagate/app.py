@@ -112,9 +112,13 @@ class App:
         else:
             log.error("redis at %s is not answering; serving NOT_SERVING until it does", url)
 
-        interceptors = [auth.AuthInterceptor(auth.Authorizer(
-            keyring, self.redis, self.ledger.keys))] if keyring else None
-        server = grpc.aio.server(options=server_options(s), interceptors=interceptors)
+        self.tracing = tracing.from_settings(s)  # outermost: refusals are traced too
+        self.interceptors = [self.tracing.interceptor] if self.tracing else []
+        if keyring:
+            self.interceptors.append(auth.AuthInterceptor(auth.Authorizer(
+                keyring, self.redis, self.ledger.keys)))
+        server = grpc.aio.server(options=server_options(s),
+                                 interceptors=self.interceptors or None)
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(
             QuotaServicer(self.ledger, fail_open=s.fail_open), server)
         self.sink = open_sink(default_url(s.database_url, s.data_dir))  # no I/O yet
