@@ -26,11 +26,15 @@ Reserve made before the loss makes a new hold), nor events.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from quotagate.embedded import EmbeddedRedis
 from quotagate.ledger import wallet
 from quotagate.ledger.keys import Keys, unescape
 from quotagate.ledger.store import LedgerOptions
@@ -193,23 +197,78 @@ async def _restore_chunk(redis: Any, keys: Keys, snaps: list[Snapshot], retain_m
     await pipe.execute()
 
 
+def running_pid(embedded: EmbeddedRedis) -> int | None:
+    """The pid of a redis-server already running on this data dir (a `quotagate serve`'s,
+    or one a killed serve left behind): its pidfile names a live redis-server, or (0)
+    its socket answers. None when nothing runs there."""
+    try:
+        pid = int((embedded.dir / "redis.pid").read_text().strip())
+    except (OSError, ValueError):
+        pid = 0  # no pidfile: redis-server removes it when it stops
+    if pid > 0 and _is_redis(pid):
+        return pid
+    return 0 if embedded.socket and embedded._ping() else None
+
+
+def _is_redis(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # alive, not ours to signal
+    except OSError:
+        return False  # a stale pidfile: the process is gone
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        return b"redis" in cmdline.read_bytes()
+    except OSError:
+        return not cmdline.parent.is_dir()  # without /proc: a live pid is taken as it
+
+
+def preflight(db_url: str, embedded: EmbeddedRedis | None) -> str:
+    """Why the restore must not start ("" when it may): the embedded Redis of the data
+    dir is running, or the SQLite file is missing."""
+    pid = None if embedded is None else running_pid(embedded)
+    if embedded is not None and pid is not None:
+        return (f"the embedded Redis of {embedded.dir.parent} is running "
+                f"({f'pid {pid}' if pid else 'its socket answers'}): stop the "
+                "`quotagate serve` on that data dir first, or restore into the running "
+                f"Redis with --redis-url {embedded.url}")
+    if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).exists():
+        return (f"nothing to restore from: no {db_url.removeprefix('sqlite:///')} "
+                "(QUOTAGATE_DATABASE_URL, QUOTAGATE_DATA_DIR)")
+    return ""
+
+
 async def main(settings: Any) -> int:
-    """`quotagate restore`: snapshots from QUOTAGATE_DATABASE_URL into QUOTAGATE_REDIS_URL."""
+    """`quotagate restore`: snapshots from QUOTAGATE_DATABASE_URL into QUOTAGATE_REDIS_URL;
+    without a Redis URL, into the embedded Redis of QUOTAGATE_DATA_DIR (started for the
+    restore and stopped after it, AOF fsynced), which no `serve` may be running on."""
     from quotagate.app import App
     from quotagate.sync.sink import default_url, open_sink
 
-    if not settings.redis_url:
-        log.error("quotagate restore needs QUOTAGATE_REDIS_URL")
-        return 2
-    redis = App(settings).redis_client(settings.redis_url)
-    sink = open_sink(default_url(settings.database_url, settings.data_dir))
+    url, embedded = settings.redis_url, None
+    db_url = default_url(settings.database_url, settings.data_dir)
+    if not url:
+        embedded = EmbeddedRedis(settings.data_dir)
+    refused = preflight(db_url, embedded)
+    if refused:
+        log.error("quotagate restore: %s", refused)
+        return 1
+    if embedded is not None:
+        url = await asyncio.to_thread(embedded.start)
     try:
-        c = await restore(redis, Keys(settings.shards), sink,
-                          retain_ms=settings.retention_seconds * 1000)
-        print(f"restored {c.keys} hashes ({c.fields} fields); {c.holds} open holds re-armed")
+        redis = App(settings).redis_client(url)
+        sink = open_sink(db_url)
+        try:
+            c = await restore(redis, Keys(settings.shards), sink,
+                              retain_ms=settings.retention_seconds * 1000)
+        finally:
+            await sink.close()
+            await redis.aclose()
     finally:
-        await sink.close()
-        await redis.aclose()
+        if embedded is not None:
+            await embedded.stop()
+    where = f" into the embedded Redis of {settings.data_dir}" if embedded else ""
+    print(f"restored {c.keys} hashes ({c.fields} fields){where}; "
+          f"{c.holds} open holds re-armed")
     return 0
-
-
