@@ -89,13 +89,15 @@ async def test_watch_status_current_status_then_changes(server: Grpc, redis: Any
                at=1_762_732_801_000)
     await xadd(redis, "assistant.reactivated", "acme", {"assistant_id": "bot"},
                at=1_762_732_802_000)
-    await xadd(redis, "assistant.deactivated", "acme", {"assistant_id": "bot", "reason": "ai"})
+    await server.admin.UpsertOrg(admin_pb2.UpsertOrgRequest(org_id="acme", plan="p",
+                                                            ai_enabled=False))
     m1, m2, m3 = [await next_msg(call) for _ in range(3)]
     assert (m1.assistant_id, m1.active, m1.reason) == ("bot", False, INACTIVE)
     assert m1.at.ToMilliseconds() == 1_762_732_801_000
     assert (m2.assistant_id, m2.active, m2.reason) == ("bot", True,
                                                        common_pb2.DENY_REASON_UNSPECIFIED)
-    assert m3.reason == common_pb2.DENY_REASON_AI_DISABLED
+    assert (m3.assistant_id, m3.active, m3.reason) == ("bot", False,
+                                                       common_pb2.DENY_REASON_AI_DISABLED)
     call.cancel()
 
 

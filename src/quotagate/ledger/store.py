@@ -15,7 +15,14 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from quotagate.clock import Clock
-from quotagate.errors import BY_CODE, InvalidArgument, NotFound, QuotagateError, Unavailable
+from quotagate.errors import (
+    BY_CODE,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    QuotagateError,
+    Unavailable,
+)
 from quotagate.ledger import validate
 from quotagate.ledger.keys import Keys, bal_key, cfg_key, escape, hold_key, idem_key, unescape
 from quotagate.ledger.model import (
@@ -534,13 +541,30 @@ class Ledger:
         fields = ["_", "1"]
         for a in items:
             fields += [a.meter, f"{a.monthly}:{a.per_seat}:{a.one_time}"]
+        orgs = sorted(_s(o) for o in
+                      await self._call(self.redis.smembers(self.keys.plan_orgs(name))))
+        # Checked first, for every org: allowances that an org's allocation template no
+        # longer fits are refused, and nothing changes (neither the plan nor any org).
+        for org in orgs:
+            try:
+                await self._configure_org(org, name, None, 0, False, items, check_only=True)
+            except FailedPrecondition as e:
+                raise FailedPrecondition(f"org {org!r}: {e.message}", "allowances") from None
         created = bool(await self._call(self.scripts.plan(keys=[self.keys.plan(name)],
                                                           args=fields)))
-        orgs = await self._call(self.redis.smembers(self.keys.plan_orgs(name)))
+        kept: list[str] = []
         for org in orgs:
             # seats, anchor and ai are read inside the script: a concurrent UpsertOrg
             # is never overwritten with what they were a moment before
-            await self._configure_org(_s(org), name, None, 0, False, items)
+            try:
+                await self._configure_org(org, name, None, 0, False, items)
+            except FailedPrecondition:
+                kept.append(org)  # changed since the check: that org is left as it is
+        if kept:
+            raise FailedPrecondition(
+                f"the plan is saved, but org(s) {', '.join(map(repr, kept))} changed meanwhile "
+                "and keep their previous grants: their allocation templates no longer fit; "
+                "fix them and send UpsertPlan again", "allowances")
         return created
 
     async def plan(self, name: str) -> tuple[Allowance, ...] | None:
@@ -573,9 +597,11 @@ class Ledger:
         return created
 
     async def _configure_org(self, org_id: str, plan: str, seats: int | None, anchor: int,
-                             ai: bool, allowances: Sequence[Allowance]) -> bool:
+                             ai: bool, allowances: Sequence[Allowance],
+                             check_only: bool = False) -> bool:
         """`seats` None: re-apply `plan` keeping the org's current seats, anchor and ai,
-        only if it is still on that plan (decided inside the script)."""
+        only if it is still on that plan (decided inside the script). `check_only`: raise
+        what the call would raise, and write nothing."""
         by_meter = {a.meter: a for a in allowances}
         k = self.keys
         keys = [k.cfg(org_id), k.ledger(k.shard_of(org_id))]
@@ -588,6 +614,7 @@ class Ledger:
             keys.append(k.bal(org_id, m))
             argv += [self._emeter[m], self._kind[m], a.monthly, a.per_seat, a.one_time]
         argv.append(",".join(str(t) for t in self.opt.low_thresholds))
+        argv.append("1" if check_only else "0")
         reply = await self._call(self.scripts.configure(keys=keys, args=argv))
         _raise_if_error(reply)
         return bool(_i(reply[1]))
@@ -613,8 +640,12 @@ class Ledger:
         validate.ident(team_id, "team_id", required=False)
         items = tuple(limits)
         args: list[Any] = [escape(seat_id), escape(team_id), len(items)]
+        seen: set[str] = set()
         for i, lim in enumerate(items):
             validate.meter(self.catalog, lim.meter, f"limits[{i}].meter")
+            if lim.meter in seen:
+                raise InvalidArgument(f"meter {lim.meter!r} appears twice", f"limits[{i}].meter")
+            seen.add(lim.meter)
             validate.amount(lim.monthly_limit, f"limits[{i}].monthly_limit", allow_zero=True)
             args += [self._emeter[lim.meter], lim.monthly_limit, "1" if lim.unlimited else "0"]
         return await self._configure(org_id, "seat", *args)

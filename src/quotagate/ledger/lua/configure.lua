@@ -9,7 +9,8 @@
 --               and ai, only if it is still on ARGV[5]; a no-op otherwise)
 --               ARGV[9] n allowances, then meter, kind, monthly, per_seat, one_time for each (the
 --               plan's allowances, denormalised here so the spend path reads one hash),
---               then the wallet.low thresholds (% used, comma separated, e.g. '80,95')
+--               then the wallet.low thresholds (% used, comma separated, e.g. '80,95'),
+--               then '1' to only check (nothing written) or '0'
 -- op team:      ARGV[5] team  ARGV[6] seats
 -- op seat:      ARGV[5] seat  ARGV[6] team ('' none)  ARGV[7] n limits, then
 --               meter, limit, unlimited ('1'|'0') for each
@@ -22,7 +23,8 @@
 -- op autotopup: ARGV[5] meter  ARGV[6] kind  ARGV[7] threshold  ARGV[8] amount
 --               ARGV[9] enabled  ARGV[10] cooldown (ms)  ARGV[11] max per period (0: any)
 -- Balance keys of other ops are built here from the shard prefix (keys.py: bal).
--- Returns {'OK', created (1 | 0)} or {'ERR', code, field, msg}.
+-- Returns {'OK', created (1 | 0)} or {'ERR', code, field, msg}. A call that fails
+-- returns before its first write: nothing changed.
 
 local cfg, ledger = KEYS[1], KEYS[2]
 local op, now, maxlen, org = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
@@ -53,33 +55,48 @@ local function ctx_for(meter, kind, te)
   return ctx
 end
 
--- (Re)compute a meter's team allocations from its template and apply them to the
--- current period: a team's monthly grant becomes its allocation (minus what it
--- transferred away), the org keeps the rest of its plan grant. Spent tokens still count.
-local function apply_template(meter, spec)
-  local mode, per_seat, kind, custom = string.match(spec, '^([%w_]*)|(%d*)|(%a)|(.*)$')
-  local teams, order = {}, {}
+-- The org's configuration as one HGETALL reads it: its teams (team -> seats, and their
+-- ids sorted), its templates (meter -> spec, and the meters sorted), its assistants
+-- (assistant -> enabled, sorted) and every field name.
+local function cfg_state()
+  local st = {teams = {}, order = {}, tmpls = {}, tmeters = {}, as = {}, aorder = {},
+    fields = {}}
   local flat = redis.call('HGETALL', cfg)
   for i = 1, #flat, 2 do
-    local te = string.match(flat[i], '^t:(.*)$')
-    if te then teams[te] = N(flat[i + 1]); order[#order + 1] = te end
-    if string.match(flat[i], '^al:' .. meter:gsub('%p', '%%%0') .. ':') then
-      redis.call('HDEL', cfg, flat[i])
-    end
+    local f, v = flat[i], flat[i + 1]
+    st.fields[#st.fields + 1] = f
+    local te = string.match(f, '^t:(.*)$')
+    if te then st.teams[te] = N(v); st.order[#st.order + 1] = te end
+    local m = string.match(f, '^tmpl:(.*)$')
+    if m then st.tmpls[m] = v; st.tmeters[#st.tmeters + 1] = m end
+    local ae = string.match(f, '^as:(.*)$')
+    if ae then st.as[ae] = v; st.aorder[#st.aorder + 1] = ae end
   end
-  table.sort(order)
-  local pool = org_grant(cfg, meter)
+  table.sort(st.order); table.sort(st.tmeters); table.sort(st.aorder)
+  return st
+end
+
+local function parse_spec(spec)
+  return string.match(spec, '^([%w_]*)|(%d*)|(%a)|(.*)$')
+end
+
+-- A template's allocations (team -> amount) and their total, for the teams of `st` and
+-- an org monthly grant of `pool`; nil and the error when they do not fit. Writes nothing.
+local function template_allocs(spec, st, pool)
+  local mode, per_seat, _, custom = parse_spec(spec)
   local alloc, total = {}, 0
   if mode == 'per_seat' then
-    for _, te in ipairs(order) do alloc[te] = N(per_seat) * teams[te] end
+    for _, te in ipairs(st.order) do alloc[te] = N(per_seat) * st.teams[te] end
   elseif mode == 'even' then
-    if #order > 0 then
-      local each = math.floor(pool / #order)
-      for _, te in ipairs(order) do alloc[te] = each end
+    if #st.order > 0 then
+      local each = math.floor(pool / #st.order)
+      for _, te in ipairs(st.order) do alloc[te] = each end
     end
   elseif mode == 'custom' then
     for te, amt in string.gmatch(custom, '([^=,]+)=(%d+)') do
-      if teams[te] == nil then return nil, {'ERR', 'NOT_FOUND', 'custom', 'no such team'} end
+      if st.teams[te] == nil then
+        return nil, {'ERR', 'NOT_FOUND', 'custom', 'no such team: ' .. unesc(te)}
+      end
       alloc[te] = tonumber(amt)
     end
   end
@@ -88,67 +105,135 @@ local function apply_template(meter, spec)
     return nil, {'ERR', 'FAILED_PRECONDITION', mode == 'custom' and 'custom' or 'per_seat',
       'allocations (' .. I(total) .. ') exceed the org monthly grant (' .. I(pool) .. ')'}
   end
+  return alloc, total
+end
+
+-- Every template of the org against the grants it will have (pool(meter)), computed
+-- before anything is written. Returns meter -> {alloc, total, pool}, or nil and the
+-- error, naming `field` (the request field whose new value breaks the template).
+local function templates_for(st, pool, field)
   local out = {}
-  for te, a in pairs(alloc) do
-    redis.call('HSET', cfg, 'al:' .. meter .. ':' .. te, I(a))
-    out[#out + 1] = te; out[#out + 1] = a
+  for _, m in ipairs(st.tmeters) do
+    local p = pool(m)
+    local alloc, total = template_allocs(st.tmpls[m], st, p)
+    if not alloc then
+      return nil, {'ERR', total[2], field, 'the allocation template of ' .. unesc(m)
+        .. ' would no longer fit: ' .. total[4]}
+    end
+    out[m] = {alloc = alloc, total = total, pool = p}
+  end
+  return out
+end
+
+-- Write a meter's template and its allocations t (from template_allocs) and apply them
+-- to the current period: a team's monthly grant becomes its allocation (minus what it
+-- transferred away), the org keeps the rest of its plan grant. Spent tokens still count.
+-- `st` is the configuration as read before this call's writes.
+local function write_template(st, meter, spec, t)
+  local mode, _, kind = parse_spec(spec)
+  local pfx, old = 'al:' .. meter .. ':', {}
+  for _, f in ipairs(st.fields) do
+    if string.sub(f, 1, #pfx) == pfx then old[#old + 1] = f end
+  end
+  if #old > 0 then redis.call('HDEL', cfg, unpack(old)) end
+  local f = {}
+  for _, te in ipairs(st.order) do
+    if t.alloc[te] then f[#f + 1] = pfx .. te; f[#f + 1] = I(t.alloc[te]) end
   end
   if mode == '' then
     redis.call('HDEL', cfg, 'tmpl:' .. meter, 'alt:' .. meter)
   else
-    redis.call('HSET', cfg, 'tmpl:' .. meter, spec, 'alt:' .. meter, I(total))
+    f[#f + 1] = 'tmpl:' .. meter; f[#f + 1] = spec
+    f[#f + 1] = 'alt:' .. meter; f[#f + 1] = I(t.total)
   end
+  if #f > 0 then redis.call('HSET', cfg, unpack(f)) end
   -- Apply to the current period.
   local octx = ctx_for(meter, kind, '')
   local ows = chain_load(octx)
   local ow = octx.org
-  ow.mg = pool - total - ow.mx; ow.dirty = true
+  ow.mg = t.pool - t.total - ow.mx; ow.dirty = true
   octx.d = settle_debt(ow, octx.d)
   chain_save(octx, ows)
-  for _, te in ipairs(order) do
-    local w = wallet_load(octx.bal, 'T:' .. te .. ':', octx.pid, alloc[te] or 0)
-    w.mg = (alloc[te] or 0) - w.mx; w.dirty = true
+  for _, te in ipairs(st.order) do
+    local w = wallet_load(octx.bal, 'T:' .. te .. ':', octx.pid, t.alloc[te] or 0)
+    w.mg = (t.alloc[te] or 0) - w.mx; w.dirty = true
     wallet_save(w)
   end
   after_change(octx, now, true)
-  return out
 end
 
-local function reapply_templates()
-  local flat = redis.call('HGETALL', cfg)
-  for i = 1, #flat, 2 do
-    local meter = string.match(flat[i], '^tmpl:(.*)$')
-    if meter then
-      local _, e = apply_template(meter, flat[i + 1])
-      if e then return e end
+-- AI switched off for the org (ai '0'): every assistant is inactive for that reason;
+-- switched on again ('1'): each is what it is without it (disabled by an admin, its
+-- wallet dry, or active). Said on the events stream, which WatchStatus relays.
+-- bals: {balance key, meter} of every meter.
+local function ai_events(st, ai, bals)
+  if #st.aorder == 0 then return end
+  local seq = I(N(redis.call('HINCRBY', cfg, 'evseq', 1)))
+  for _, ae in ipairs(st.aorder) do
+    local reason, meter = 'ai', nil
+    if ai == '1' then
+      reason = nil
+      if st.as[ae] ~= '1' then reason = 'disabled' end
+      for i = 1, #bals do
+        if not reason and redis.call('HEXISTS', bals[i][1] .. '|ia', ae) == 1 then
+          reason, meter = 'exhausted', unesc(bals[i][2])
+        end
+      end
+    end
+    if reason then
+      emit(cfg, 'assistant.deactivated', 'assistant.deactivated:' .. org .. ':' .. ae
+        .. ':ai:' .. seq, org, {assistant_id = unesc(ae), reason = reason, meter = meter},
+        now)
+    else
+      emit(cfg, 'assistant.reactivated', 'assistant.reactivated:' .. org .. ':' .. ae
+        .. ':ai:' .. seq, org, {assistant_id = unesc(ae), reason = 'ai'}, now)
     end
   end
-  return nil
 end
 
 if op == 'org' then
   local plan, seats, anchor, ai = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+  local na = tonumber(ARGV[9])
+  local dry = ARGV[11 + 5 * na] == '1'
+  local cur = redis.call('HMGET', cfg, 'plan', 'seats', 'anchor', 'ai')
+  local field = (cur[1] == plan) and 'seats' or 'plan'
   if seats == 'keep' then
     -- UpsertPlan re-applying a plan: the org's own settings as they are at this moment,
     -- and only while it is still on the plan (an UpsertOrg in between is never undone).
-    local c = redis.call('HMGET', cfg, 'plan', 'seats', 'anchor', 'ai')
-    if c[1] ~= plan then return {'OK', 0} end
-    seats, anchor, ai = c[2], tonumber(c[3]), c[4]
+    if cur[1] ~= plan then return {'OK', 0} end
+    seats, anchor, ai = cur[2], tonumber(cur[3]), cur[4]
+    field = 'allowances'
   end
-  local old_anchor = redis.call('HGET', cfg, 'anchor')
+  -- Every check before any write: each template must fit the grant the org will have.
+  local grants = {}
+  for i = 1, na do
+    local b = 9 + (i - 1) * 5
+    grants[ARGV[b + 1]] = N(ARGV[b + 3]) + N(ARGV[b + 4]) * N(seats)
+  end
+  local st = cfg_state()
+  local tm, e = templates_for(st, function(m)
+    if grants[m] then return grants[m] end
+    local v = redis.call('HMGET', cfg, 'am:' .. m, 'ap:' .. m)
+    return N(v[1]) + N(v[2]) * N(seats)
+  end, field)
+  if e then return e end
+  if dry then return {'OK', 0} end
+  local old_anchor = cur[3]
   redis.call('HSET', cfg, 'plan', plan, 'seats', seats, 'anchor', I(anchor), 'ai', ai,
-    'lowpct', ARGV[10 + 5 * tonumber(ARGV[9])] or '80')
-  local na = tonumber(ARGV[9])
+    'lowpct', ARGV[10 + 5 * na] or '80')
+  local bals = {}
   for i = 1, na do
     local b = 9 + (i - 1) * 5
     local meter, kind = ARGV[b + 1], ARGV[b + 2]
     local once = tonumber(ARGV[b + 5])
+    bals[i] = {KEYS[2 + i], meter}
     redis.call('HSET', cfg, 'am:' .. meter, ARGV[b + 3], 'ap:' .. meter, ARGV[b + 4])
     -- The new allowance applies to the current period at once (used tokens still count).
     local ctx = {cfg = cfg, bal = KEYS[2 + i], te = '', se = '', meter = meter, kind = kind}
     if kind == 'g' then ctx.pid = 0 else ctx.pid = period_of(now, anchor) end
     local ws = chain_load(ctx)
-    local grant = ctx.plan_grant - ctx.allocated - ctx.org.mx
+    local allocated = tm[meter] and tm[meter].total or ctx.allocated
+    local grant = ctx.plan_grant - allocated - ctx.org.mx
     if ctx.org.mg ~= grant then ctx.org.mg = grant; ctx.org.dirty = true end
     -- A one-time grant (a trial) lands once per org, plan and meter, whatever happens
     -- later: it is recorded like a purchase with a reserved id.
@@ -162,8 +247,8 @@ if op == 'org' then
     chain_save(ctx, ws)
     after_change(ctx, now, true)
   end
-  local e = reapply_templates()
-  if e then return e end
+  for _, m in ipairs(st.tmeters) do write_template(st, m, st.tmpls[m], tm[m]) end
+  if exists and cur[4] ~= ai then ai_events(st, ai, bals) end
   log({'plan', plan, 'seats', seats, 'anchor', I(anchor), 'ai', ai,
     'previous_anchor', old_anchor or ''})
   return {'OK', exists and 0 or 1}
@@ -173,9 +258,15 @@ if not exists then return {'ERR', 'NOT_FOUND', 'org_id', 'no such org'} end
 
 if op == 'team' then
   local te, seats = ARGV[5], ARGV[6]
-  local created = redis.call('HSET', cfg, 't:' .. te, seats)
-  local e = reapply_templates()
+  local st = cfg_state()
+  local created = (st.teams[te] == nil) and 1 or 0
+  if created == 1 then st.order[#st.order + 1] = te; table.sort(st.order) end
+  st.teams[te] = N(seats)
+  -- Checked before any write: each template must fit with the team's new seats.
+  local tm, e = templates_for(st, function(m) return org_grant(cfg, m) end, 'seats')
   if e then return e end
+  redis.call('HSET', cfg, 't:' .. te, seats)
+  for _, m in ipairs(st.tmeters) do write_template(st, m, st.tmpls[m], tm[m]) end
   log({'team', te, 'seats', seats})
   return {'OK', created}
 end
@@ -184,15 +275,24 @@ if op == 'seat' then
   local se, te = ARGV[5], ARGV[6]
   if not team_known(te) then return {'ERR', 'NOT_FOUND', 'team_id', 'no such team'} end
   local created = redis.call('HSET', cfg, 's:' .. se, te)
+  -- The limits replace the previous ones: a meter not listed has no cap.
   local nl = tonumber(ARGV[7])
+  local set, keep = {}, {}
   for i = 1, nl do
     local b = 7 + (i - 1) * 3
     local f = 'sl:' .. se .. ':' .. ARGV[b + 1]
-    if ARGV[b + 3] == '1' then redis.call('HDEL', cfg, f)
-    else redis.call('HSET', cfg, f, ARGV[b + 2]) end
+    if ARGV[b + 3] ~= '1' then
+      keep[f] = true; set[#set + 1] = f; set[#set + 1] = ARGV[b + 2]
+    end
     log({'seat', se, 'team', te, 'meter', ARGV[b + 1], 'limit', ARGV[b + 2],
       'unlimited', ARGV[b + 3]})
   end
+  local pfx, drop = 'sl:' .. se .. ':', {}
+  for _, f in ipairs(redis.call('HKEYS', cfg)) do
+    if string.sub(f, 1, #pfx) == pfx and not keep[f] then drop[#drop + 1] = f end
+  end
+  if #drop > 0 then redis.call('HDEL', cfg, unpack(drop)) end
+  if #set > 0 then redis.call('HSET', cfg, unpack(set)) end
   if nl == 0 then log({'seat', se, 'team', te}) end
   return {'OK', created}
 end
@@ -230,8 +330,16 @@ if op == 'template' then
     parts[#parts + 1] = ARGV[8 + 2 * i] .. '=' .. ARGV[9 + 2 * i]
   end
   local spec = mode .. '|' .. per_seat .. '|' .. kind .. '|' .. table.concat(parts, ',')
-  local out, e = apply_template(meter, spec)
-  if e then return e end
+  -- Checked before any write: the teams exist and the allocations fit the grant.
+  local st = cfg_state()
+  local pool = org_grant(cfg, meter)
+  local alloc, total = template_allocs(spec, st, pool)
+  if not alloc then return total end
+  write_template(st, meter, spec, {alloc = alloc, total = total, pool = pool})
+  local out = {}
+  for _, te in ipairs(st.order) do
+    if alloc[te] then out[#out + 1] = te; out[#out + 1] = alloc[te] end
+  end
   log({'meter', meter, 'mode', mode, 'per_seat', per_seat, 'custom', table.concat(parts, ',')})
   return {'OK', 0, out}
 end
