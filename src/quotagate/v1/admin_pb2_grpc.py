@@ -236,8 +236,11 @@ class AdminServiceServicer:
 
     def WatchEvents(self, request, context):
         """WatchEvents streams the events of an org as they happen (see Event), until the
-        client cancels. Delivery is at least once: de-duplicate on Event.id. Events that
-        happen while no stream is open are not replayed here; webhooks get them all.
+        client cancels. Delivery is at least once: de-duplicate on Event.id. A stream
+        opened with WatchEventsRequest.after first replays what happened since that cursor
+        (while Redis still keeps it); the initial metadata `quotagate-cursor` says where
+        each stream starts, so a client cut off before its first event resumes from there.
+        Webhooks get every event whether or not a stream is open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
