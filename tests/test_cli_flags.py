@@ -146,3 +146,15 @@ def test_serve_with_metrics_and_database_flags(tmp_path: Path) -> None:
         if drain is not None:
             drain.join(10)
         proc.stderr.close()
+
+
+def test_fail_open_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--fail-open` switches QUOTAGATE_FAIL_OPEN on; without it the variable decides."""
+    monkeypatch.delenv("QUOTAGATE_FAIL_OPEN", raising=False)
+    args = _parser().parse_args(["serve"])
+    assert args.fail_open is None and load_settings(fail_open=args.fail_open).fail_open is False
+    args = _parser().parse_args(["serve", "--fail-open"])
+    assert load_settings(fail_open=args.fail_open).fail_open is True
+    env: dict[str, str] = {}
+    export_flags({"fail_open": args.fail_open}, env)
+    assert env == {"QUOTAGATE_FAIL_OPEN": "true"}  # the workers of --workers N get it too

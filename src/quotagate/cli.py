@@ -13,7 +13,7 @@ from quotagate.settings import PREFIX, apply_grpc_io, load_settings
 
 #: `serve` flags that stand for a QUOTAGATE_* variable (argparse dest = Settings field)
 SERVE_FLAGS = ("listen", "redis_url", "database_url", "data_dir", "catalog",
-               "metrics_listen", "log_level")
+               "metrics_listen", "log_level", "fail_open")
 
 
 def export_flags(flags: dict[str, str | None], environ: Any = None) -> None:
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--catalog", help="QUOTAGATE_CATALOG")
     serve.add_argument("--metrics-listen", help="QUOTAGATE_METRICS_LISTEN")
     serve.add_argument("--log-level", help="QUOTAGATE_LOG_LEVEL")
+    serve.add_argument("--fail-open", action="store_const", const="true",
+                       help="QUOTAGATE_FAIL_OPEN=true: grant runtime calls while Redis is "
+                       "unreachable (recorded nowhere; see the README)")
     serve.add_argument("--workers", type=int, help="QUOTAGATE_WORKERS: server processes "
                        "sharing the port (default: the number of cores)")
     notify = sub.add_parser("notify",
