@@ -153,8 +153,10 @@ def _carrier(metadata: Sequence[Any] | None) -> dict[str, str]:
     return {k: v for k, v in metadata or () if isinstance(v, str)}
 
 
-def _finish(span: Any, code: int, details: Any) -> None:
-    span.set_attribute("rpc.grpc.status_code", code)
+def _finish(span: Any, code: int, details: Any,
+            more: dict[str, Any] | None = None) -> None:
+    span.set_attributes({"rpc.grpc.status_code": code, **more} if more
+                        else {"rpc.grpc.status_code": code})
     if code != _OK:
         if isinstance(details, bytes):
             details = details.decode("utf-8", "replace")
@@ -199,14 +201,11 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer)
 
     def _start(self, m: _Method, metadata: Any, request: Any) -> Any:
-        span = self.tracer.start_span(m.name, context=propagate.extract(_carrier(metadata)),
-                                      kind=SpanKind.SERVER, attributes=m.attributes,
+        org = m.org_of(request)
+        attributes = {**m.attributes, "quotagate.org_id": org} if org else m.attributes
+        return self.tracer.start_span(m.name, context=propagate.extract(_carrier(metadata)),
+                                      kind=SpanKind.SERVER, attributes=attributes,
                                       record_exception=False, set_status_on_exception=False)
-        if span.is_recording():
-            org = m.org_of(request)
-            if org:
-                span.set_attribute("quotagate.org_id", org)
-        return span
 
     def _unary_unary(self, inner: Handler, m: _Method, metadata: Any) -> Handler:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -230,9 +229,9 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                 if span.is_recording():
                     got = context.code()
                     code = _CODE.get(got, _UNKNOWN) if got is not None else _OK
-                    _finish(span, code, context.details() if code else None)
-                    if m.outcome is not None and response is not None:
-                        span.set_attributes(m.outcome(response))
+                    _finish(span, code, context.details() if code else None,
+                            m.outcome(response) if m.outcome and response is not None
+                            else None)
                 return response
 
         return behavior
