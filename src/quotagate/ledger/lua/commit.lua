@@ -41,7 +41,7 @@ end
 local function answer(state)
   local out, bals = {}, {h.n}
   for i = 1, h.n do
-    local ctx = hold_ctx(h, i, now)
+    local ctx = hold_ctx(h, i, now, maxlen)
     local ws = chain_load(ctx)
     chain_save(ctx, ws)
     out[#out + 1] = h.m[i]
@@ -61,8 +61,9 @@ local late = (h.st == 'E')
 local fields = {'st', 'C', 'done', I(now)}
 local out, bals = {}, {h.n}
 for i = 1, h.n do
-  local ctx = hold_ctx(h, i, now)
+  local ctx = hold_ctx(h, i, now, maxlen)
   local ws = chain_load(ctx)
+  local before = chain_available(ctx, ws)
   local a = want(i)
   local charged = {}
   local left = a
@@ -87,8 +88,11 @@ for i = 1, h.n do
     charged = takes_merge(charged, extra)
   end
   chain_save(ctx, ws)
+  local dry = chain_available(ctx, ws) <= 0
+  -- Its last tokens went now: every assistant drawing on it is deactivated.
+  if dry and before > 0 then ctx.dry = true end
   after_change(ctx, now, a < N(h.g[i]))
-  if h.ae ~= '' and chain_available(ctx, ws) <= 0 then
+  if h.ae ~= '' and dry then
     assistant_deactivate(ctx, h.ae, 'exhausted', now)
   end
   -- The answer's balances come from the wallets just saved: no second read.

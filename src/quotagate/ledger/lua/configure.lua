@@ -302,12 +302,62 @@ if op == 'assistant' then
   if not team_known(te) then return {'ERR', 'NOT_FOUND', 'team_id', 'no such team'} end
   local was = redis.call('HGET', cfg, 'as:' .. ae)
   local created = redis.call('HSET', cfg, 'as:' .. ae, enabled, 'at:' .. ae, te)
-  if was and was ~= enabled then
-    -- Switched by an admin: say so on the events stream (WatchStatus relays it).
+  local switched = was and was ~= enabled
+  -- Enabled where its wallet has run dry, it stays inactive, as Reserve answers: each
+  -- meter it was deactivated on or the org was ever given is looked at with its (new)
+  -- team; dry, it is (still) listed inactive, else it leaves the list.
+  local dry_meter, told = nil, false
+  if enabled == '1' then
+    local flat = redis.call('HGETALL', cfg)
+    local meters = {}
+    for i = 1, #flat, 2 do
+      local m = string.match(flat[i], '^am:(.*)$')
+      if m then meters[#meters + 1] = m end
+    end
+    table.sort(meters)
+    for _, meter in ipairs(meters) do
+      local bal = bal_key(meter)
+      local ia = bal .. '|ia'
+      local w = wallet_unpack(redis.call('HGET', bal, 'w'))
+      local listed = redis.call('HEXISTS', ia, ae) == 1
+      local given = listed
+      if w then
+        for i = 2, NWF do given = given or w[i] ~= 0 end
+      end
+      if w and given then
+        -- a wallet's period is 0 only for a gauge meter (never reset)
+        local ctx = ctx_for(meter, (w[1] == 0) and 'g' or 'c', te)
+        ctx.maxlen = maxlen
+        local ws = chain_load(ctx)
+        chain_save(ctx, ws)
+        after_change(ctx, now, false)
+        if chain_available(ctx, ws) <= 0 then
+          dry_meter = dry_meter or meter
+          -- not listed before: listed now, by this or by after_change, with an event
+          assistant_deactivate(ctx, ae, 'exhausted', now)
+          if not listed then told = true end
+        elseif redis.call('HEXISTS', ia, ae) == 1 then
+          if switched then
+            -- the admin's assistant.reactivated below says it
+            redis.call('HDEL', ia, ae)
+            inactive_count(ctx, ia)
+          else
+            assistant_reactivate(ctx, ae, now)
+          end
+        end
+      end
+    end
+  end
+  if switched and not (dry_meter and told) then
+    -- Switched by an admin: say so on the events stream (WatchStatus relays it); switched
+    -- on with a dry wallet, it is still inactive, for that reason.
     local seq = N(redis.call('HINCRBY', cfg, 'evseq', 1))
-    local etype = (enabled == '1') and 'assistant.reactivated' or 'assistant.deactivated'
-    emit(cfg, etype, etype .. ':' .. org .. ':' .. ae .. ':admin:' .. I(seq), org,
-      {assistant_id = unesc(ae), reason = (enabled == '1') and 'enabled' or 'disabled'}, now)
+    local etype = (enabled == '1' and not dry_meter) and 'assistant.reactivated'
+      or 'assistant.deactivated'
+    local attrs = {assistant_id = unesc(ae), reason = 'disabled'}
+    if dry_meter then attrs.reason = 'exhausted'; attrs.meter = unesc(dry_meter)
+    elseif enabled == '1' then attrs.reason = 'enabled' end
+    emit(cfg, etype, etype .. ':' .. org .. ':' .. ae .. ':admin:' .. I(seq), org, attrs, now)
   end
   log({'assistant', ae, 'team', te, 'enabled', enabled})
   return {'OK', created > 0 and 1 or 0}

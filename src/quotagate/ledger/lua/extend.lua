@@ -51,7 +51,7 @@ end
 
 local ctxs, wss = {}, {}
 for i, a in pairs(extra) do
-  local ctx = hold_ctx(h, i, now)
+  local ctx = hold_ctx(h, i, now, maxlen)
   local ws = chain_load(ctx)
   ctxs[i], wss[i] = ctx, ws
   local avail = chain_available(ctx, ws)
@@ -62,6 +62,8 @@ for i, a in pairs(extra) do
     if redis.call('HEXISTS', h.cfg, 'oc:' .. h.m[i]) == 1 then return deny('overage', false) end
     return deny('insufficient', false)
   end
+  -- Holding the chain's last tokens: the assistants on it are deactivated (after_change).
+  if avail <= a then ctx.dry = true end
 end
 
 local expires = now + ttl

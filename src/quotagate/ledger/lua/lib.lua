@@ -742,11 +742,11 @@ local HOLD_STATE = {H = 1, C = 2, R = 3, E = 4}
 
 local after_change  -- defined with the events below; holds call it after each change  -- HoldState enum numbers in the proto
 
-local function hold_ctx(h, i, now)
+local function hold_ctx(h, i, now, maxlen)
   -- the period follows from the org's anchor day, read by chain_load with the rest of
-  -- the configuration
+  -- the configuration; maxlen: the ledger stream's cap (wallet_events' entries)
   return {cfg = h.cfg, bal = h.b[i], te = h.te, se = h.se, meter = h.m[i],
-    kind = h.k[i], now = now}
+    kind = h.k[i], now = now, maxlen = maxlen}
 end
 
 -- The shard prefix ("<ns>:{<shard>}:") a key starts with.
@@ -796,7 +796,7 @@ end
 -- Release every take of a HELD hold (Refund before Commit, or expiry).
 local function hold_release_all(h, key, now, state, ledger, maxlen, retain_ms, kind)
   for i = 1, h.n do
-    local ctx = hold_ctx(h, i, now)
+    local ctx = hold_ctx(h, i, now, maxlen)
     local ws = chain_load(ctx)
     local takes = takes_decode(h.t[i])
     for j = 1, #takes do release_take(ws, takes[j], takes[j][3]) end
@@ -910,7 +910,9 @@ local function wallet_events(ctx, now)
     if epid ~= nil and tonumber(epid) ~= ctx.pid and ctx.kind ~= 'g' then
       emit(ctx.bal, 'period.reset', 'period.reset:' .. o .. ':' .. ctx.meter .. ':' .. I(ctx.pid),
         o, {meter = unesc(ctx.meter), period_start = I(ctx.pstart or 0)}, now)
-      ledger_add(shard_prefix(ctx.bal) .. 'ledger', 1000000, {'type', 'period_reset',
+      -- the configured cap (ctx.maxlen, 0: none); a script that is not given it trims
+      -- nothing here (the next entry of one that is trims the stream)
+      ledger_add(shard_prefix(ctx.bal) .. 'ledger', ctx.maxlen or 0, {'type', 'period_reset',
         'org', o, 'meter', ctx.meter, 'amount', I(ow.mg), 'period', I(ctx.pid), 'at', I(now)})
     end
     lows, x = '', (x or '0')
@@ -929,6 +931,7 @@ local function wallet_events(ctx, now)
   end
   if left <= 0 and x == '0' and (total > 0 or used > 0) then
     x = '1'; changed = true
+    ctx.dry = true  -- after_change deactivates the assistants it leaves with nothing
     ctx.seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
     emit(ctx.bal, 'wallet.exhausted', 'wallet.exhausted:' .. o .. ':' .. ctx.meter .. ':'
       .. I(ctx.seq), o, {meter = unesc(ctx.meter), used = I(used), total = I(total)}, now)
@@ -962,9 +965,10 @@ local function inactive_count(ctx, ia)
   if ctx.org and ctx.org.extra then ctx.org.extra.iac = c end
 end
 
+-- Returns true when it was not deactivated yet (and now is, with an event).
 local function assistant_deactivate(ctx, ae, reason, now)
   local ia = ctx.bal .. '|ia'
-  if redis.call('HEXISTS', ia, ae) == 1 then return end
+  if redis.call('HEXISTS', ia, ae) == 1 then return false end
   local seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
   redis.call('HSET', ia, ae, I(seq))
   inactive_count(ctx, ia)
@@ -972,6 +976,7 @@ local function assistant_deactivate(ctx, ae, reason, now)
   emit(ctx.bal, 'assistant.deactivated', 'assistant.deactivated:' .. o .. ':' .. ae .. ':'
     .. ctx.meter .. ':' .. I(seq), o, {assistant_id = unesc(ae), meter = unesc(ctx.meter),
     reason = reason}, now)
+  return true
 end
 
 local function assistant_reactivate(ctx, ae, now)
@@ -1009,8 +1014,38 @@ local function reactivate_all(ctx, now)
   end
 end
 
--- One call after every change of a wallet: org wallet events, then reactivations when
--- something came back (or a new period began).
+-- A wallet ran dry (ctx.dry: a chain's last tokens went, or wallet.exhausted): every
+-- enabled assistant of the org whose own chain for this meter (its team's wallet, the org
+-- wallet unless a template keeps the team off it, the overage) has nothing left is
+-- deactivated, once, as Reserve would find it. One chain is looked at per team. Runs on
+-- the crossing only, after the caller's wallets are saved.
+local function deactivate_dry(ctx, now)
+  ctx.dry = false
+  local flat = redis.call('HGETALL', ctx.cfg)
+  local c, ids = {}, {}
+  for i = 1, #flat, 2 do
+    local f, v = flat[i], flat[i + 1]
+    c[f] = v
+    if v == '1' and string.sub(f, 1, 3) == 'as:' then ids[#ids + 1] = string.sub(f, 4) end
+  end
+  table.sort(ids)
+  local dry = {}
+  for i = 1, #ids do
+    local ae = ids[i]
+    local te = c['at:' .. ae] or ''
+    local d = dry[te]
+    if d == nil then
+      local x = {cfg = ctx.cfg, bal = ctx.bal, te = te, se = '', meter = ctx.meter,
+        kind = ctx.kind, pid = ctx.pid, pstart = ctx.pstart, pend = ctx.pend}
+      local ws = chain_load(x)
+      chain_save(x, ws)
+      d = chain_available(x, ws) <= 0
+      dry[te] = d
+    end
+    if d then assistant_deactivate(ctx, ae, 'exhausted', now) end
+  end
+end
+
 -- Overage billing: every overage token used costs its price; each time the unbilled amount
 -- reaches bill_every, overage.threshold_reached carries the amount to bill. At the first
 -- touch of a new period, overage.period_closed carries the rest of the old one.
@@ -1042,8 +1077,10 @@ end
 
 -- Auto top-up: when what the org wallet has free (monthly + top-up, after holds) falls
 -- below the threshold, ask the billing system for a purchase — once per crossing, not
--- within the cooldown, at most max_per_period times a period. State in bal 'atu':
--- "<below 0|1>|<last request ms>|<period>|<requests this period>".
+-- within the cooldown, at most max_per_period times a period. A crossing the cooldown or
+-- the cap holds back stays pending: the first touch once they allow it, still below,
+-- asks. State in bal 'atu':
+-- "<asked for this crossing 0|1>|<last request ms>|<period>|<requests this period>".
 local function auto_topup(ctx, now)
   local spec = ctx.atu
   if not spec or not ctx.org then return end
@@ -1056,22 +1093,29 @@ local function auto_topup(ctx, now)
   last, per, count = tonumber(last), tonumber(per), tonumber(count)
   if per ~= ctx.pid then per = ctx.pid; count = 0 end
   local now_below = free < tonumber(threshold)
-  if now_below and below == '0' then
-    if now - last >= tonumber(cooldown) and (tonumber(maxn) == 0 or count < tonumber(maxn)) then
-      count = count + 1; last = now
+  local asked = '0'
+  if now_below then
+    asked = below
+    if below == '0' and now - last >= tonumber(cooldown)
+        and (tonumber(maxn) == 0 or count < tonumber(maxn)) then
+      count = count + 1; last = now; asked = '1'
       local o = org_of(ctx)
       emit(ctx.bal, 'auto_topup.requested', 'auto_topup.requested:' .. o .. ':' .. ctx.meter
         .. ':' .. I(ctx.pid) .. ':' .. I(count), o, {meter = unesc(ctx.meter),
         amount = amount, threshold = threshold, available = I(free)}, now)
     end
   end
-  local new = (now_below and '1' or '0') .. '|' .. I(last) .. '|' .. I(per) .. '|' .. I(count)
+  local new = asked .. '|' .. I(last) .. '|' .. I(per) .. '|' .. I(count)
   if new ~= st then redis.call('HSET', ctx.bal, 'atu', new); ctx.org.extra.atu = new end
 end
 
+-- One call after every change of a wallet: org wallet events, auto top-up, then
+-- reactivations when something came back (or a new period began), and deactivations
+-- when a wallet ran dry (ctx.dry, set by the caller or by wallet_events).
 after_change = function(ctx, now, refilled)
   overage_events(ctx, now)
   wallet_events(ctx, now)
   auto_topup(ctx, now)
   if refilled or (ctx.org and ctx.org.rolled) then reactivate_all(ctx, now) end
+  if ctx.dry then deactivate_dry(ctx, now) end
 end

@@ -34,7 +34,7 @@ end
 local function answer(state)
   local out, bals = {}, {h.n}
   for i = 1, h.n do
-    local ctx = hold_ctx(h, i, now)
+    local ctx = hold_ctx(h, i, now, maxlen)
     local ws = chain_load(ctx)
     chain_save(ctx, ws)
     out[#out + 1] = h.m[i]
@@ -68,7 +68,7 @@ for i = 1, h.n do
   local x = c
   if amounts then x = math.min(c, amounts[h.m[i]] or 0) end
   if x > 0 then
-    local ctx = hold_ctx(h, i, now)
+    local ctx = hold_ctx(h, i, now, maxlen)
     local ws = chain_load(ctx)
     local takes = takes_in_burn_order(takes_decode(h.x[i]))
     local left, settled = x, 0

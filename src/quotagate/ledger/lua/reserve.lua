@@ -37,7 +37,8 @@ local function contexts(v, ks, anchor, seats, lowpct)
   local out = {}
   for i = 1, n do
     local c = charges[i]
-    local ctx = {cfg = cfg, bal = c.bal, te = te, se = se, meter = c.meter, kind = c.kind}
+    local ctx = {cfg = cfg, bal = c.bal, te = te, se = se, meter = c.meter, kind = c.kind,
+      maxlen = maxlen}
     if c.kind == 'g' then
       ctx.pid, ctx.pstart, ctx.pend = 0, 0, 0
     else
@@ -184,6 +185,7 @@ local function decide(wss)
     local want = charges[i].amount
     local room = seat_room(wss[i], se, ctxs[i].limit)
     local can = chain_available(ctxs[i], wss[i])
+    ctxs[i].avail = can  -- what the chain has before the hold (a crossing to 0 is seen)
     local why = 'insufficient'
     if room >= 0 and room < can then can = room; why = 'seat' end
     if can >= want then
@@ -209,8 +211,10 @@ if why and why ~= 'inactive' and sweep_shard(pre, now, 8, ledger, maxlen, retain
   why, grants = decide(wss)
 end
 if why == 'exhausted' then
-  -- The wallet it draws on ran dry: hide it (silent) and tell the owner, once.
-  assistant_deactivate(ctxs[grants], ae, 'exhausted', now)
+  -- The wallet it draws on ran dry: hide it (silent) and tell the owner, once. The first
+  -- to find it so (no crossing was seen) has every other assistant on it looked at too.
+  local c = ctxs[grants]
+  if assistant_deactivate(c, ae, 'exhausted', now) then c.dry = true end
   return deny('inactive', true, ctxs, wss)
 end
 if why == 'inactive' then return deny('inactive', true, ctxs, wss) end
@@ -245,6 +249,8 @@ local granted = {}
 for i = 1, n do
   local takes = chain_hold(ctxs[i], wss[i], grants[i])
   if se ~= '' then wss[i][1].ch = wss[i][1].ch + grants[i]; wss[i][1].dirty = true end
+  -- The hold takes the chain's last tokens: the assistants on it are deactivated.
+  if ctxs[i].avail <= grants[i] then ctxs[i].dry = true end
   chain_save(ctxs[i], wss[i])
   after_change(ctxs[i], now, false)
   local t = takes_encode(takes)

@@ -27,7 +27,8 @@ if te ~= '' and redis.call('HEXISTS', cfg, 't:' .. te) == 0 then
   return {'ERR', 'NOT_FOUND', 'team_id', 'no such team'}
 end
 
-local ctx = {cfg = cfg, bal = bal, te = te, se = se, meter = meter, kind = kind}
+local ctx = {cfg = cfg, bal = bal, te = te, se = se, meter = meter, kind = kind,
+  maxlen = maxlen}
 if kind == 'g' then
   ctx.pid, ctx.pstart, ctx.pend = 0, 0, 0
 else

@@ -38,11 +38,14 @@ local function resolve(te, se, tfield, sfield)
   return {te = te, se = se}
 end
 
-local function view_of(who)
+-- before: what the wallet's chain had before a transfer out of it (nil: not known); its
+-- last tokens gone, the assistants drawing on it are deactivated (after_change).
+local function view_of(who, before)
   local ctx = {cfg = cfg, bal = bal, te = who.te, se = who.se, meter = meter, kind = kind,
-    pid = pid, pstart = pstart, pend = pend}
+    pid = pid, pstart = pstart, pend = pend, maxlen = maxlen}
   local ws = chain_load(ctx)
   chain_save(ctx, ws)
+  if before and before > 0 and chain_available(ctx, ws) <= 0 then ctx.dry = true end
   after_change(ctx, now, true)
   -- The wallet itself: its own figures (a seat's view would include its team and org).
   local own = {ws[1]}
@@ -67,8 +70,9 @@ if op == 'adjust' then
   local who = {te = '', se = ''}
   if not prev then
     local ctx = {cfg = cfg, bal = bal, te = '', se = '', meter = meter, kind = kind,
-      pid = pid, pstart = pstart, pend = pend}
+      pid = pid, pstart = pstart, pend = pend, maxlen = maxlen}
     local ws = chain_load(ctx)
+    local before = chain_available(ctx, ws)
     local ow = ctx.org
     if delta > 0 then
       ow.tb = ow.tb + delta; ow.dirty = true
@@ -83,6 +87,7 @@ if op == 'adjust' then
       ow.dirty = true
     end
     chain_save(ctx, ws)
+    if before > 0 and chain_available(ctx, ws) <= 0 then ctx.dry = true end
     after_change(ctx, now, delta > 0)
     redis.call('SET', idem, fp, 'PX', idem_ttl)
     ledger_add(ledger, maxlen, {'type', 'adjust', 'org', org_e, 'meter', meter,
@@ -103,11 +108,13 @@ if key_of(src) == key_of(dst) then
   return {'ERR', 'INVALID_ARGUMENT', 'to_team_id', 'source and destination are the same wallet'}
 end
 
+local src_before = nil
 if not prev then
   -- Load every wallet involved once (the two chains may share wallets).
   local ctx = {cfg = cfg, bal = bal, te = src.te, se = src.se, meter = meter, kind = kind,
-    pid = pid, pstart = pstart, pend = pend}
+    pid = pid, pstart = pstart, pend = pend, maxlen = maxlen}
   local ws = chain_load(ctx)
+  src_before = chain_available(ctx, ws)
   local function wallet(who)
     local pfx = ''
     if who.se ~= '' then pfx = level_pfx('S', who.te, who.se)
@@ -141,4 +148,4 @@ if not prev then
     'amount', I(amount), 'bucket', bucket, 'from_team', src.te, 'from_seat', src.se,
     'team', dst.te, 'seat', dst.se, 'at', I(now)})
 end
-return {'OK', prev and 1 or 0, {view_of(src), view_of(dst)}}
+return {'OK', prev and 1 or 0, {view_of(src, src_before), view_of(dst)}}
