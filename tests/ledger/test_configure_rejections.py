@@ -210,3 +210,25 @@ async def test_ai_switched_off_and_on_tells_each_assistant(ledger: Ledger,
     assert (await ledger.check(Subject("acme", assistant_id="bot"), M)).active
     ids = [i for _, i, _ in off + on]
     assert len(set(ids)) == len(ids)  # each event its own stable id
+
+
+async def test_a_refill_while_ai_is_off_reactivates_nobody(ledger: Ledger, redis: Any) -> None:
+    """A dry assistant's wallet refilled while AI is off for the org: it stays inactive
+    (no assistant.reactivated), and switching AI on reactivates it."""
+    await ledger.upsert_plan("p", [Allowance(M, 1_000)])
+    await ledger.upsert_org("acme", "p")
+    await ledger.upsert_team("acme", "red")
+    await ledger.set_allocation_template("acme", M, "custom", custom={"red": 100})
+    await ledger.upsert_assistant("acme", "dry", "red")
+    r = await ledger.reserve(Subject("acme", "red"), [Charge(M, 100)], idempotency_key="x")
+    await ledger.commit(r.reservation_id)
+    await ledger.upsert_org("acme", "p", ai_enabled=False)
+    seen = len(await status_events(ledger, redis))
+    await ledger.topup("acme", M, 500, "refill-1", team_id="red")
+    assert (await status_events(ledger, redis))[seen:] == []
+    c = await ledger.check(Subject("acme", assistant_id="dry"), M)
+    assert (c.active, c.reason) == (False, DenyReason.AI_DISABLED)
+    await ledger.upsert_org("acme", "p", ai_enabled=True)
+    on = (await status_events(ledger, redis))[seen:]
+    assert [(t, a["assistant_id"]) for t, _, a in on] == [("assistant.reactivated", "dry")]
+    assert (await ledger.check(Subject("acme", assistant_id="dry"), M)).active

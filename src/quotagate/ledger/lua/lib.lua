@@ -986,6 +986,8 @@ local function assistant_reactivate(ctx, ae, now)
   if not seq then return end
   redis.call('HDEL', ia, ae)
   inactive_count(ctx, ia)
+  -- With AI off for the org it stays inactive all the same: switching AI on says so.
+  if redis.call('HGET', ctx.cfg, 'ai') == '0' then return end
   local o = org_of(ctx)
   emit(ctx.bal, 'assistant.reactivated', 'assistant.reactivated:' .. o .. ':' .. ae .. ':'
     .. ctx.meter .. ':' .. seq, o, {assistant_id = unesc(ae), meter = unesc(ctx.meter)}, now)
