@@ -188,6 +188,51 @@ async def test_overage_billed_every_threshold_and_at_period_close(
     assert (await api.balance()).overage_used == 0
 
 
+async def test_overage_of_an_org_nobody_touches_is_closed_by_the_sweeper(
+        api: Api, server: Grpc, redis: Any) -> None:
+    """DESIGN: overage is billed "at the end of the billing month". An org that stops
+    spending is not touched again, so the sweeper closes its period: once, with the rest
+    to bill, and a later touch bills nothing twice."""
+    ledger = server.app.ledger
+    assert ledger is not None
+    await overage(api, 20_000, price=10_000, every=50_000_000)
+    await api.use(10_000)
+    await api.use(1_234)  # $12.34 of overage, then silence
+    set_clock(server, ms(2026, 11, 30, 23))
+    await ledger.sweep_all()  # the period has not ended: nothing to close
+    assert [e for e in await events(server, redis) if e[0] == "overage.period_closed"] == []
+    set_clock(server, ms(2026, 12, 1) + 60_000)
+    await ledger.sweep_all()
+    closed = [e[1] for e in await events(server, redis) if e[0] == "overage.period_closed"]
+    assert closed == [{"meter": M, "amount_micros": "12340000", "overage_tokens": "1234"}]
+    await ledger.sweep_all()
+    await api.balance()
+    assert len([e for e in await events(server, redis)
+                if e[0] == "overage.period_closed"]) == 1
+    assert (await api.balance()).overage_used == 0
+    # the index is empty again: an org without overage costs the sweeper nothing
+    assert await redis.zcard(ledger.keys.prefix(ledger.keys.shard_of("acme")) + "ovc") == 0
+
+
+async def test_overage_closed_by_a_touch_is_not_closed_again_by_the_sweeper(
+        api: Api, server: Grpc, redis: Any) -> None:
+    ledger = server.app.ledger
+    assert ledger is not None
+    await overage(api, 20_000, price=10_000)
+    await api.use(10_000)
+    await api.use(500)
+    set_clock(server, ms(2026, 12, 1))
+    await api.use(10_000)  # the first touch of December closes November
+    await api.use(7)  # and uses overage again: December's must wait for its own end
+    await ledger.sweep_all()
+    closed = [e[1] for e in await events(server, redis) if e[0] == "overage.period_closed"]
+    assert closed == [{"meter": M, "amount_micros": "5000000", "overage_tokens": "500"}]
+    set_clock(server, ms(2027, 1, 1) + 1)
+    await ledger.sweep_all()
+    closed = [e[1] for e in await events(server, redis) if e[0] == "overage.period_closed"]
+    assert closed[1:] == [{"meter": M, "amount_micros": "70000", "overage_tokens": "7"}]
+
+
 async def test_auto_topup_once_per_crossing_with_cooldown_and_cap(
         api: Api, server: Grpc, redis: Any) -> None:
     await api.a.SetAutoTopUp(admin_pb2.SetAutoTopUpRequest(

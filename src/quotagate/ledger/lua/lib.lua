@@ -517,6 +517,7 @@ end
 local function overage_used(ctx, x)
   ctx.org.ou = ctx.org.ou + x; ctx.org.dirty = true
   ctx.billed = (ctx.billed or 0) + x * ctx.oprice
+  ctx.ovused = true
 end
 
 -- Turn x held tokens of a take into usage.
@@ -1064,6 +1065,14 @@ local function overage_events(ctx, now)
       redis.call('HSET', ctx.bal, 'oub', '0')
     end
   end
+  if ctx.ovused then
+    -- The period's overage must be closed (and billed) when it ends, even if nobody
+    -- touches the org then: the sweeper closes what this index says is due.
+    ctx.ovused = false
+    if ctx.kind ~= 'g' and (ctx.pend or 0) > 0 then
+      redis.call('ZADD', shard_prefix(ctx.bal) .. 'ovc', I(ctx.pend), o .. '|' .. ctx.meter)
+    end
+  end
   local billed = ctx.billed or 0
   ctx.billed = 0
   if billed == 0 then return end
@@ -1120,4 +1129,27 @@ after_change = function(ctx, now, refilled)
   auto_topup(ctx, now)
   if refilled or (ctx.org and ctx.org.rolled) then reactivate_all(ctx, now) end
   if ctx.dry then deactivate_dry(ctx, now) end
+end
+
+-- The sweeper's second step: orgs of the shard that used overage in a period that has
+-- ended, and were not touched since (index 'ovc': "<org>|<meter>" -> period end ms). Each
+-- is touched as any call would (its period rolls, overage.period_closed bills the rest).
+-- Returns how many were looked at.
+local function close_periods(pre, now, limit, maxlen)
+  local idx = pre .. 'ovc'
+  local due = redis.call('ZRANGEBYSCORE', idx, '-inf', I(now), 'LIMIT', 0, limit)
+  for k = 1, #due do
+    local org_e, meter = string.match(due[k], '^(.*)|(.*)$')
+    local cfg = pre .. 'org:' .. org_e
+    if org_e and redis.call('EXISTS', cfg) == 1 then
+      local ctx = {cfg = cfg, bal = pre .. 'bal:' .. org_e .. ':' .. meter, te = '', se = '',
+        meter = meter, kind = 'c', now = now, maxlen = maxlen}
+      local ws = chain_load(ctx)
+      chain_save(ctx, ws)
+      after_change(ctx, now, false)
+    end
+    -- after the touch: one that used overage again in a new period re-added itself
+    if N(redis.call('ZSCORE', idx, due[k])) <= now then redis.call('ZREM', idx, due[k]) end
+  end
+  return #due
 end
