@@ -148,9 +148,13 @@ async def test_features_and_ai_switch(api: Api) -> None:
                                                        feature="transcription", enabled=False))
     r = await api.reserve(10, feature="spark")
     assert (r.decision, r.reason) == (D, common_pb2.DENY_REASON_FEATURE_DISABLED)
+    # the subject is known: its meter comes with the denial, nothing held
+    assert [(b.meter, b.used, b.reserved) for b in r.balances] == [(M, 0, 0)]
+    assert r.balances[0].total == 2_000_000
     assert (await api.reserve(10, feature="transcription")).decision == G  # org-wide still on
     r = await api.reserve(10, sub(team="sales"), feature="transcription")
     assert r.reason == common_pb2.DENY_REASON_FEATURE_DISABLED
+    assert [b.reserved for b in r.balances] == [10]  # the grant above, still held
     assert (await api.reserve(10, sub(team="sales"), feature="other")).decision == G
     await api.org(ai=False)
     r = await api.reserve(10)

@@ -156,10 +156,6 @@ if not derive then
   why = org_checks(o)
 end
 if not why and te ~= '' and v[i_t] == false then why = 'unknown' end
--- The feature is on for the org and the team.
-if not why and feature ~= '' and (v[i_f] == '0' or (te ~= '' and v[i_tf] == '0')) then
-  why = 'feature'
-end
 if why then
   if replay then return replayed(nil) end
   return deny(why, false)
@@ -167,6 +163,10 @@ end
 local anchor = math.max(1, N(o[1]))
 local ctxs = contexts(v, ks, anchor, N(o[3]), o[4])
 if replay then return replayed(ctxs) end
+-- The feature is on for the org and the team (the subject is known: its balances are sent).
+if feature ~= '' and (v[i_f] == '0' or (te ~= '' and v[i_tf] == '0')) then
+  return deny('feature', false, ctxs, load_all(ctxs))
+end
 
 -- 2-4, decided before anything is written: the assistant is enabled and the wallet it
 -- draws on can still pay; the seat cap, then the buckets: every charge fits (or, with
