@@ -50,7 +50,7 @@ def _pid_of(pidfile: Path) -> int:
         return 0
 
 
-def _orphaned_redis(pid: int) -> bool:
+def orphaned_redis(pid: int) -> bool:
     """Whether `pid` is a redis-server whose parent has gone (reparented to init)."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -82,7 +82,7 @@ class EmbeddedRedis:
             except BlockingIOError:
                 pass
             pid = _pid_of(self.dir / "redis.pid")
-            if not deadline and pid and _orphaned_redis(pid):
+            if not deadline and pid and orphaned_redis(pid):
                 log.warning("stopping the embedded redis-server (pid %d) a killed quotagate "
                             "left running on %s", pid, self.dir)
                 os.kill(pid, signal.SIGTERM)

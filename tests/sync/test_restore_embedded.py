@@ -171,3 +171,41 @@ def test_restore_without_sqlite_refuses_and_a_stale_pidfile_does_not_block(
     assert done.returncode == 1
     assert "nothing to restore from" in done.stderr and "quotagate.db" in done.stderr
     assert not (data / "quotagate.db").exists()  # no empty database made up
+
+
+def test_restore_after_a_killed_serve_stops_the_redis_it_left(tmp_path: Path) -> None:
+    """SIGKILL leaves the serve's Redis running with no parent: restore stops it (AOF
+    fsynced), runs on the data dir's own Redis and leaves the balances as they were."""
+    data = tmp_path / "qg"
+    proc, port = _serve(data)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            _, committed = _spend(ch)
+            before = _balances(ch)
+            _wait_synced(ch, committed)
+        orphan = int((data / "redis" / "redis.pid").read_text())
+        proc.kill()
+        proc.wait(30)
+        time.sleep(0.3)
+        os.kill(orphan, 0)  # still running, no parent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = _restore(data)
+    assert done.returncode == 0, done.stderr
+    for _ in range(100):
+        try:
+            os.kill(orphan, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the orphaned Redis still runs")
+    proc, port = _serve(data)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            assert _balances(ch) == before
+        _stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quotagate.embedded import EmbeddedRedis
+from quotagate.embedded import EmbeddedRedis, orphaned_redis
 from quotagate.ledger import wallet
 from quotagate.ledger.keys import Keys, unescape
 from quotagate.ledger.store import LedgerOptions
@@ -199,14 +199,16 @@ async def _restore_chunk(redis: Any, keys: Keys, snaps: list[Snapshot], retain_m
 
 def running_pid(embedded: EmbeddedRedis) -> int | None:
     """The pid of a redis-server already running on this data dir (a `quotagate serve`'s,
-    or one a killed serve left behind): its pidfile names a live redis-server, or (0)
-    its socket answers. None when nothing runs there."""
+    or a `restore`'s): its pidfile names a live redis-server, or (0) its socket answers.
+    None when nothing runs there, or only a Redis a killed serve left behind (no parent
+    any more), which the restore's own start stops."""
     try:
         pid = int((embedded.dir / "redis.pid").read_text().strip())
     except (OSError, ValueError):
         pid = 0  # no pidfile: redis-server removes it when it stops
     if pid > 0 and _is_redis(pid):
-        return pid
+        # left running by a killed serve: EmbeddedRedis.start stops it and takes over
+        return None if orphaned_redis(pid) else pid
     return 0 if embedded.socket and embedded._ping() else None
 
 
