@@ -66,7 +66,7 @@ bench: $(STAMP) ## scenarios vs the gRPC health-check ceiling, same run: table, 
 	$(PY) bench/run.py
 
 bench-quick: $(STAMP) ## one minute: Reserve+Commit RPCs/s against the health check on the same server
-	$(PY) bench/reserve_commit.py
+	$(VENV)/bin/quotagate bench --json bench/results/reserve_commit.json
 
 clean: ## remove the virtualenv and the embedded data directory
 	rm -rf $(VENV) .quotagate

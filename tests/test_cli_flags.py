@@ -158,3 +158,24 @@ def test_fail_open_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     env: dict[str, str] = {}
     export_flags({"fail_open": args.fail_open}, env)
     assert env == {"QUOTAGATE_FAIL_OPEN": "true"}  # the workers of --workers N get it too
+
+
+def test_quotagate_bench_reports_a_ratio(tmp_path: Path) -> None:
+    """`quotagate bench` (an installed quotagate, no repository): a server of its own on a
+    temp embedded Redis, whatever QUOTAGATE_* the shell has; it reports, never asserts."""
+    import json
+
+    report = tmp_path / "r.json"
+    e = {**os.environ, "QUOTAGATE_REDIS_URL": "redis://127.0.0.1:1/0",  # ignored
+         "QUOTAGATE_METRICS_LISTEN": "127.0.0.1:1"}
+    done = subprocess.run([sys.executable, "-m", "quotagate", "bench", "--seconds", "0.3",
+                           "--orgs", "3", "--concurrency", "4", "--json", str(report)],
+                          env=e, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "health check (ceiling)" in done.stdout and "reserve+commit" in done.stdout
+    r = json.loads(report.read_text())
+    assert r["health_rps"] > 0 and r["reserve_commit_rpc_per_s"] > 0
+    assert abs(r["ratio_to_ceiling"] - r["reserve_commit_rpc_per_s"] / r["health_rps"]) < 0.01
+    bad = subprocess.run([sys.executable, "-m", "quotagate", "bench", "--seconds", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--seconds" in bad.stderr

@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     admin.add_argument("--listen", help="the server's address (default: QUOTAGATE_LISTEN)")
     admin.add_argument("--api-key", help="sent as a bearer token (default: QUOTAGATE_API_KEY)")
     admin.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    bench = sub.add_parser("bench", help="Reserve+Commit against the health check on this "
+                           "machine: a server of its own on a temp embedded Redis")
+    from quotagate.benchmark import add_arguments
+
+    add_arguments(bench)
     for name, text in (("migrate", "apply the SQL migrations (QUOTAGATE_DATABASE_URL)"),
                        ("sync", "copy the ledger streams to SQL (the syncer on its own)"),
                        ("restore", "write the SQL snapshots back into Redis after a loss")):
@@ -94,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         return _health(args)
     if args.command == "admin":
         return _admin(args)
+    if args.command == "bench":
+        from quotagate import benchmark
+
+        return benchmark.run(args)
     flags = {name: getattr(args, name) for name in SERVE_FLAGS}
     try:
         settings = load_settings(**flags, workers=args.workers)
