@@ -25,7 +25,7 @@ from .workload import METERS
 ORG = "list:usage org"
 TEAMS = {"": ["", "solo"], "red": ["r1", "r 2"], "blue": ["b1"]}
 ASSISTANTS = {"": [""], "red": ["", "bot:r"], "blue": ["", "bot-b"]}
-DIMS = ("seat", "team", "assistant", "action", "feature", "day")
+DIMS = ("seat", "team", "assistant", "action", "feature", "day", "period")
 
 Record = dict[str, str]
 
@@ -67,7 +67,7 @@ async def _workload(s: Grpc, clock: ManualClock) -> list[tuple[Record, str, int]
                                     feature=feature, idempotency_key=f"u{i}")
         day = dt.datetime.fromtimestamp(clock.now_ms() / 1000, dt.UTC).strftime("%Y-%m-%d")
         group = {"seat": seat, "team": team, "assistant": assistant, "action": action,
-                 "feature": feature, "day": day}
+                 "feature": feature, "day": day, "period": "2026-11-01"}  # anchor day 1
         if rng.random() < 0.15:
             await led.refund(res.reservation_id)  # released: never usage
             continue
@@ -135,6 +135,10 @@ async def test_list_usage_grouped_each_way_equals_independent_sums(
     got, _ = await _list(server, ["seat"], start=_ts(T0 + DAY), end=_ts(T0 + 2 * DAY))
     assert got == _expected(records, ["seat"], lambda g, m: g["day"] == day1)
     assert got
+    for group_by in (["period", "seat"], ["day", "period"]):
+        for start, end in ((T0 + DAY, T0 + 2 * DAY), (T0 + DAY - 1, T0 + 2 * DAY - 1)):
+            got, _ = await _list(server, group_by, start=_ts(start), end=_ts(end))
+            assert got == _expected(records, group_by, lambda g, m: g["day"] == day1)
 
     # pagination: small pages cover every row exactly once
     full, _ = await _list(server, list(DIMS))

@@ -1,13 +1,14 @@
 """PostgreSQL sink: psycopg 3 async. A batch is one transaction: the entries and the
 snapshots are COPYed into per-connection staging tables, then moved with one
 `INSERT … SELECT … ON CONFLICT` each (entries: DO NOTHING RETURNING, so only those actually
-inserted reach usage_totals), so a batch of thousands of entries costs a handful of
-round trips. One connection writes, another reads (ListUsage), so a
+inserted reach usage_totals and period_totals), so a batch of thousands of entries costs a
+handful of round trips. One connection writes, another reads (ListUsage), so a
 report never waits behind, or joins, a sync transaction. Both reconnect after a failure."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,15 @@ _TOTALS = (f"INSERT INTO usage_totals ({', '.join(sk.TOTAL_COLUMNS)}, amount) "
            + ", %s::bigint[]) "
            f"ON CONFLICT ({', '.join(sk.TOTAL_COLUMNS)}) "
            "DO UPDATE SET amount = usage_totals.amount + EXCLUDED.amount")
+_PERIOD_TOTALS = (f"INSERT INTO period_totals ({', '.join(sk.PERIOD_COLUMNS)}, amount) "
+                  "SELECT * FROM unnest(" + ", ".join(["%s::text[]"] * len(sk.PERIOD_COLUMNS))
+                  + ", %s::bigint[]) "
+                  f"ON CONFLICT ({', '.join(sk.PERIOD_COLUMNS)}) "
+                  "DO UPDATE SET amount = period_totals.amount + EXCLUDED.amount")
+#: what sk.with_periods needs and the batch may lack: anchors, periods of stored commits
+_ANCHORS = "SELECT org, data FROM state_snapshots WHERE kind = 'cfg' AND org = ANY(%s)"
+_COMMITS = ("SELECT rid, meter, period FROM ledger_entries WHERE type = 'commit' "
+            "AND rid = ANY(%s)")
 _SNAP = ("INSERT INTO state_snapshots (redis_key, org, kind, data, updated_at) "
          "SELECT redis_key, org, kind, data, updated_at FROM qg_snapshots_in "
          "ON CONFLICT (redis_key) DO UPDATE SET org = EXCLUDED.org, kind = EXCLUDED.kind, "
@@ -73,6 +83,9 @@ class PostgresSink:
                     await conn.execute("INSERT INTO schema_migrations VALUES (%s, %s)",
                                        (version, int(time.time() * 1000)))
                     applied.append(version)
+                if applied:  # staging tables are copies of the tables as they were
+                    await conn.execute("DROP TABLE IF EXISTS pg_temp.qg_entries_in, "
+                                       "pg_temp.qg_snapshots_in")
             return applied
 
     async def write(self, entries: Sequence[sk.Entry], snapshots: Sequence[sk.Snapshot]) -> int:
@@ -82,6 +95,7 @@ class PostgresSink:
                 for stmt in _STAGE:
                     await conn.execute(stmt)
                 cur = conn.cursor()
+                entries = await self._with_periods(cur, entries, snapshots)
                 inserted_ids: set[str] = set()
                 if entries:
                     async with cur.copy(f"COPY qg_entries_in ({_ECOLS}) FROM STDIN") as cp:
@@ -93,6 +107,10 @@ class PostgresSink:
                 if deltas:
                     await cur.execute(_TOTALS, _columns([(*k, v) for k, v in deltas.items()],
                                                         len(sk.TOTAL_COLUMNS) + 1))
+                pdeltas = sk.period_deltas(e for e in entries if e.entry_id in inserted_ids)
+                if pdeltas:
+                    await cur.execute(_PERIOD_TOTALS, _columns(
+                        [(*k, v) for k, v in pdeltas.items()], len(sk.PERIOD_COLUMNS) + 1))
                 if snapshots:
                     async with cur.copy("COPY qg_snapshots_in (redis_key, org, kind, data, "
                                         "updated_at) FROM STDIN") as cp:
@@ -100,6 +118,22 @@ class PostgresSink:
                             await cp.write_row(s.row())
                     await cur.execute(_SNAP)
             return len(inserted_ids)
+
+    @staticmethod
+    async def _with_periods(cur: psycopg.AsyncCursor[Any], entries: Sequence[sk.Entry],
+                            snapshots: Sequence[sk.Snapshot]) -> list[sk.Entry]:
+        anchors = sk.anchors_of(snapshots)
+        missing = sorted({e.org for e in entries if e.org and e.org not in anchors})
+        if missing:
+            await cur.execute(_ANCHORS, (missing,))
+            for org, data in await cur.fetchall():
+                anchors[org] = sk.anchor_of(json.loads(data))
+        commits: dict[tuple[str, str], str] = {}
+        rids = sk.refund_rids(entries)
+        if rids:
+            await cur.execute(_COMMITS, (rids,))
+            commits = {(rid, meter): period for rid, meter, period in await cur.fetchall()}
+        return sk.with_periods(entries, anchors, commits)
 
     async def usage(self, q: sk.UsageQuery) -> list[sk.UsageRow]:
         sql, params = sk.usage_sql(q, "%s")

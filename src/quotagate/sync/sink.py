@@ -7,8 +7,10 @@ reconnects after a failure, so a database that is down at start-up only delays t
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -20,8 +22,9 @@ from quotagate.ledger.keys import unescape
 
 DAY_MS = 86_400_000
 
-#: ListUsage dimensions -> column (same name in ledger_entries and usage_totals).
-GROUP_COLUMNS = ("seat", "team", "assistant", "action", "feature", "day")
+#: ListUsage dimensions -> column (same name in ledger_entries, usage_totals and
+#: period_totals; `period` is only in the last).
+GROUP_COLUMNS = ("seat", "team", "assistant", "action", "feature", "day", "period")
 
 #: Entry types that change usage: +amount / -amount.
 _NET = {"commit": 1, "refund": -1}
@@ -50,20 +53,26 @@ class Entry:
     at_ms: int
     day: str
     raw: str
+    pid: int = 0      # the billing period id the entry names (its takes, `period`); 0 none
+    period: str = ""  # the billing period it is attributed to (with_periods)
 
     def row(self) -> tuple[object, ...]:
         return (self.entry_id, self.shard, self.stream_id, self.type, self.rid, self.org,
                 self.team, self.seat, self.assistant, self.meter, self.action, self.feature,
-                self.amount, self.net, self.at_ms, self.day, self.raw)
+                self.amount, self.net, self.at_ms, self.day, self.raw, self.period)
 
 
 ENTRY_COLUMNS = ("entry_id", "shard", "stream_id", "type", "rid", "org", "team", "seat",
                  "assistant", "meter", "action", "feature", "amount", "net", "at_ms", "day",
-                 "raw")
+                 "raw", "period")
 
 #: usage_totals key columns, in the order of `UsageKey`.
 TOTAL_COLUMNS = ("org", "meter", "day", "team", "seat", "assistant", "action", "feature")
 UsageKey = tuple[str, str, str, str, str, str, str, str]
+#: period_totals key columns, in the order of `PeriodKey`.
+PERIOD_COLUMNS = ("org", "meter", "period", "day", "team", "seat", "assistant", "action",
+                  "feature")
+PeriodKey = tuple[str, str, str, str, str, str, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +121,9 @@ class Sink(Protocol):
         ...
 
     async def write(self, entries: Sequence[Entry], snapshots: Sequence[Snapshot]) -> int:
-        """In ONE transaction: insert the entries not stored yet, add the usage of those
-        inserted to usage_totals, upsert the snapshots. Returns how many were inserted."""
+        """In ONE transaction: attribute the entries to billing periods (with_periods),
+        insert those not stored yet, add the usage of those inserted to usage_totals and
+        period_totals, upsert the snapshots. Returns how many were inserted."""
         ...
 
     async def usage(self, q: UsageQuery) -> list[UsageRow]:
@@ -225,7 +235,83 @@ def entry_of(shard: int, stream_id: bytes | str,
     return Entry(f"{shard}-{sid}", shard, sid, kind, f.get("rid", ""), ids["org"], ids["team"],
                  ids["seat"], ids["assistant"], ids["meter"], ids["action"], ids["feature"],
                  amount, amount * _NET.get(kind, 0), at, day_of(at),
-                 json.dumps(f, sort_keys=True, ensure_ascii=False))
+                 json.dumps(f, sort_keys=True, ensure_ascii=False), named_period(f))
+
+
+# -- billing periods ----------------------------------------------------------------------
+# lib.lua's period_compute: a period starts on the org's anchor day (1-28) at 00:00 UTC; its
+# id is year * 12 + month - 1 of that start. Every take ("code:pid:amount", lib.lua's
+# takes_encode) names the period of the wallet it drew from when it was held or charged
+# (top-up takes too); debt ("D") and gauge meters name none (pid 0).
+_TAKE = re.compile(r"([A-Za-z]+):(-?\d+):(\d+)")
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+
+def named_period(f: Mapping[str, str]) -> int:
+    """The period an entry's fields name: the earliest of its takes (a Commit of a hold
+    made in an earlier period charges that period's takes first; what it charges beyond
+    the hold is the same usage), else a period_reset's `period`; 0: none."""
+    pids = [int(m[2]) for m in _TAKE.finditer(f.get("takes", "")) if int(m[2]) > 0]
+    if pids:
+        return min(pids)
+    try:
+        return max(0, int(f.get("period") or 0))
+    except ValueError:
+        return 0
+
+
+def period_at(ms: int, anchor: int) -> int:
+    """The id of the period holding `ms` for an org anchored on `anchor` (period_of)."""
+    d = dt.date.fromordinal(_EPOCH_ORDINAL + ms // DAY_MS)
+    y, m = d.year, d.month
+    if d.day < anchor:
+        y, m = (y, m - 1) if m > 1 else (y - 1, 12)
+    return y * 12 + m - 1
+
+
+def period_label(pid: int, anchor: int | None) -> str:
+    """The period's start date, "2026-11-15"; its month "2026-11" when the anchor is
+    unknown."""
+    y, m = divmod(pid, 12)
+    return f"{y:04d}-{m + 1:02d}" if anchor is None else f"{y:04d}-{m + 1:02d}-{anchor:02d}"
+
+
+def anchor_of(cfg: Mapping[str, str]) -> int:
+    """An org's anchor day from its configuration hash (lib.lua: at least 1)."""
+    try:
+        return max(1, int(cfg.get("anchor") or 0))
+    except ValueError:
+        return 1
+
+
+def anchors_of(snapshots: Iterable[Snapshot]) -> dict[str, int]:
+    return {s.org: anchor_of(s.data) for s in snapshots if s.kind == "cfg"}
+
+
+def refund_rids(entries: Iterable[Entry]) -> list[str]:
+    """The reservations whose refunds need the period of their commit."""
+    return sorted({e.rid for e in entries if e.type == "refund" and e.rid})
+
+
+def with_periods(entries: Sequence[Entry], anchors: Mapping[str, int],
+                 commits: Mapping[tuple[str, str], str]) -> list[Entry]:
+    """The entries with `period` set. The period an entry names (named_period), else the
+    one holding its time for the org's anchor day; a refund: the period of the commit it
+    gives back (`commits`, (rid, meter) -> period of the stored commits, else a commit
+    earlier in `entries`), else its own time's. `anchors`: org -> anchor day (the org's
+    configuration when synced); an org without one gets "YYYY-MM" labels."""
+    seen = dict(commits)
+    out = []
+    for e in entries:
+        anchor = anchors.get(e.org)
+        label = seen.get((e.rid, e.meter)) if e.type == "refund" else None
+        if label is None:
+            pid = e.pid or period_at(e.at_ms, anchor or 1)
+            label = period_label(pid, anchor)
+        if e.type == "commit":
+            seen.setdefault((e.rid, e.meter), label)
+        out.append(dataclasses.replace(e, period=label))
+    return out
 
 
 def usage_deltas(inserted: Iterable[Entry]) -> dict[UsageKey, int]:
@@ -239,12 +325,25 @@ def usage_deltas(inserted: Iterable[Entry]) -> dict[UsageKey, int]:
     return dict(sorted(out.items()))  # one lock order for concurrent writers
 
 
+def period_deltas(inserted: Iterable[Entry]) -> dict[PeriodKey, int]:
+    """period_totals increments of the entries actually inserted."""
+    out: dict[PeriodKey, int] = {}
+    for e in inserted:
+        if e.type not in _NET or not e.net:
+            continue
+        k = (e.org, e.meter, e.period, e.day, e.team, e.seat, e.assistant, e.action,
+             e.feature)
+        out[k] = out.get(k, 0) + e.net
+    return dict(sorted(out.items()))
+
+
 # -- ListUsage ----------------------------------------------------------------------------
 def usage_sql(q: UsageQuery, ph: str) -> tuple[str, list[object]]:
     """The ListUsage query for placeholder style `ph` ('?' or '%s').
 
-    Day-aligned ranges (and no range) read the per-day totals; other ranges sum the
-    entries themselves, so the answer is exact for any [start, end)."""
+    Day-aligned ranges (and no range) read the per-day totals (period_totals when grouped
+    by period, else usage_totals); other ranges sum the entries themselves, so the answer
+    is exact for any [start, end)."""
     for g in q.group_by:
         if g not in GROUP_COLUMNS:  # never trust a name into SQL
             raise ValueError(g)
@@ -256,7 +355,8 @@ def usage_sql(q: UsageQuery, ph: str) -> tuple[str, list[object]]:
         where.append(f"meter = {ph}")
         params.append(q.meter)
     if aligned:
-        table, amount = "usage_totals", "amount"
+        table = "period_totals" if "period" in q.group_by else "usage_totals"
+        amount = "amount"
         if q.start_ms is not None:
             where.append(f"day >= {ph}")
             params.append(day_of(q.start_ms))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 import time
@@ -21,9 +22,36 @@ _TOTALS = (f"INSERT INTO usage_totals ({', '.join(sk.TOTAL_COLUMNS)}, amount) "
            f"VALUES ({', '.join('?' * (len(sk.TOTAL_COLUMNS) + 1))}) "
            f"ON CONFLICT ({', '.join(sk.TOTAL_COLUMNS)}) "
            "DO UPDATE SET amount = usage_totals.amount + excluded.amount")
+_PERIOD_TOTALS = (f"INSERT INTO period_totals ({', '.join(sk.PERIOD_COLUMNS)}, amount) "
+                  f"VALUES ({', '.join('?' * (len(sk.PERIOD_COLUMNS) + 1))}) "
+                  f"ON CONFLICT ({', '.join(sk.PERIOD_COLUMNS)}) "
+                  "DO UPDATE SET amount = period_totals.amount + excluded.amount")
 _SNAP = ("INSERT INTO state_snapshots (redis_key, org, kind, data, updated_at) "
          "VALUES (?, ?, ?, ?, ?) ON CONFLICT (redis_key) DO UPDATE SET org = excluded.org, "
          "kind = excluded.kind, data = excluded.data, updated_at = excluded.updated_at")
+
+
+def _chunks(items: Sequence[str], n: int = 500) -> list[Sequence[str]]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def _with_periods(conn: sqlite3.Connection, entries: Sequence[sk.Entry],
+                  snapshots: Sequence[sk.Snapshot]) -> list[sk.Entry]:
+    """sk.with_periods, with the anchors and commits the batch lacks read from SQL."""
+    anchors = sk.anchors_of(snapshots)
+    missing = sorted({e.org for e in entries if e.org and e.org not in anchors})
+    for part in _chunks(missing):
+        for org, data in conn.execute(
+                "SELECT org, data FROM state_snapshots WHERE kind = 'cfg' AND org IN "
+                f"({', '.join('?' * len(part))})", part):
+            anchors[org] = sk.anchor_of(json.loads(data))
+    commits: dict[tuple[str, str], str] = {}
+    for part in _chunks(sk.refund_rids(entries)):
+        for rid, meter, period in conn.execute(
+                "SELECT rid, meter, period FROM ledger_entries WHERE type = 'commit' AND rid IN "
+                f"({', '.join('?' * len(part))})", part):
+            commits[(rid, meter)] = period
+    return sk.with_periods(entries, anchors, commits)
 
 
 class SqliteSink:
@@ -79,8 +107,11 @@ class SqliteSink:
     async def write(self, entries: Sequence[sk.Entry], snapshots: Sequence[sk.Snapshot]) -> int:
         def run(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN IMMEDIATE")
-            inserted = [e for e in entries if conn.execute(_INSERT, e.row()).rowcount == 1]
+            attributed = _with_periods(conn, entries, snapshots)
+            inserted = [e for e in attributed if conn.execute(_INSERT, e.row()).rowcount == 1]
             conn.executemany(_TOTALS, [(*k, v) for k, v in sk.usage_deltas(inserted).items()])
+            conn.executemany(_PERIOD_TOTALS,
+                             [(*k, v) for k, v in sk.period_deltas(inserted).items()])
             conn.executemany(_SNAP, [s.row() for s in snapshots])
             conn.execute("COMMIT")
             return len(inserted)

@@ -224,7 +224,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListUsage(self, request, context):
-        """ListUsage reports what was spent, from the durable SQL store, grouped as asked.
+        """ListUsage reports what was spent, from the durable SQL store, grouped as asked: by
+        seat, team, assistant, action, feature, UTC day, or billing period (the org's
+        period_anchor_day, see ListUsageRequest.group_by).
 
         Trade-off: the SQL store is written asynchronously by the syncer, so the newest
         usage (normally under a second old) may be missing. Use GetBalance for the live
