@@ -359,7 +359,7 @@ def floor(port: int, requests: int) -> dict[str, Any]:
     FCALL): what Redis alone costs."""
     from quotagate.ledger.scripts import library
 
-    tag, lib = library()
+    tag, lib = library(load_catalog(None).catalog.quiet_meters)  # as the server builds it
     import redis as sync_redis
 
     with sync_redis.Redis(port=port) as r:

@@ -53,11 +53,20 @@ async def spend(ledger: Ledger, s: Subject, held: int, used: int, key: str) -> N
     await ledger.commit(r.reservation_id, [Charge(M, used)])
 
 
+async def draws(ledger: Ledger, org: str, a: str) -> None:
+    """Assistant `a` draws on the meter (a Reserve, here handed back at once): only the
+    assistants that draw on a wallet are told when it runs dry."""
+    r = await ledger.reserve(bot(org, a), [Charge(M, 1)], idempotency_key=f"draw-{a}")
+    assert r.decision is Decision.GRANTED, r
+    await ledger.refund(r.reservation_id)
+
+
 async def org_with(ledger: Ledger, org: str, monthly: int, *assistants: str) -> None:
     await ledger.upsert_plan(f"p-{org}", [Allowance(M, monthly)])
     await ledger.upsert_org(org, f"p-{org}")
     for a in assistants:
         await ledger.upsert_assistant(org, a)
+        await draws(ledger, org, a)
 
 
 async def test_one_assistant_overspending_deactivates_every_assistant_on_the_wallet(
@@ -116,6 +125,7 @@ async def test_only_the_assistants_drawing_on_a_dry_team_allocation(ledger: Ledg
     await ledger.set_allocation_template("t", M, "custom", custom={"red": 100, "blue": 300})
     for a, team in (("r1", "red"), ("r2", "red"), ("b1", "blue"), ("o1", "")):
         await ledger.upsert_assistant("t", a, team_id=team)
+        await draws(ledger, "t", a)
     await spend(ledger, bot("t", "r1"), 100, 100, "k1")
     assert sorted(await status(ledger, redis, "t")) == [
         ("deactivated", "r1", "exhausted"), ("deactivated", "r2", "exhausted")]
@@ -133,6 +143,7 @@ async def test_without_template_a_team_with_tokens_of_its_own_keeps_going(
     await org_with(ledger, "n", 1_000, "plain")
     await ledger.upsert_team("n", "rich")
     await ledger.upsert_assistant("n", "rb", team_id="rich")
+    await draws(ledger, "n", "rb")
     await ledger.topup("n", M, 200, "team-buy", team_id="rich")  # the team's own
     await spend(ledger, bot("n", "plain"), 1_000, 1_000, "k1")
     assert await status(ledger, redis, "n") == [("deactivated", "plain", "exhausted")]
@@ -144,6 +155,7 @@ async def test_adjust_and_transfer_out_of_a_wallet_deactivate_and_back(
     await org_with(ledger, "m", 100, "a")
     await ledger.upsert_team("m", "t")
     await ledger.upsert_assistant("m", "ta", team_id="t")
+    await draws(ledger, "m", "ta")
     await ledger.adjust("m", M, -100, "correction", idempotency_key="a1")
     assert sorted(await status(ledger, redis, "m")) == [
         ("deactivated", "a", "exhausted"), ("deactivated", "ta", "exhausted")]
@@ -173,11 +185,14 @@ async def test_enabling_an_assistant_whose_wallet_is_dry_keeps_it_inactive(
     assert len(await status(ledger, redis, "e")) == 3
     await ledger.topup("e", M, 10, "buy")
     assert (await status(ledger, redis, "e"))[3:] == [("reactivated", "a", "")]
-    # a new assistant on a dry wallet is inactive from the start
+    # a new assistant on a dry wallet has drawn on nothing yet: its first call finds it
+    # dry, and that is when it is told
     await ledger.adjust("e", M, -10, "take back", idempotency_key="a1")
+    seen = len(await status(ledger, redis, "e"))
     await ledger.upsert_assistant("e", "late")
-    assert (await status(ledger, redis, "e"))[-1] == ("deactivated", "late", "exhausted")
+    assert len(await status(ledger, redis, "e")) == seen
     assert not (await ledger.check(bot("e", "late"))).active
+    assert (await status(ledger, redis, "e"))[-1] == ("deactivated", "late", "exhausted")
 
 
 async def test_enabling_after_a_refill_while_disabled_reactivates_once(
@@ -262,3 +277,69 @@ async def test_the_assistants_are_looked_up_on_the_crossing_only(
     await spend(ledger, bot("c", "a"), 90, 90, "k2")
     crossing = await mon.stop(redis_server.url)
     assert ("HGETALL", cfg) in crossing
+
+
+K, CALL = "knowledge_tokens", "call_seconds"
+
+
+async def test_a_meter_that_does_not_deactivate_stops_only_its_feature(
+        ledger: Ledger, redis: Any) -> None:
+    """knowledge_tokens (`deactivates_assistants = false` in the built-in catalog) running
+    out stops uploads only: no assistant is deactivated, the uploader is told plainly
+    (not silently), and chat goes on."""
+    assert K in ledger.catalog.quiet_meters and M not in ledger.catalog.quiet_meters
+    await ledger.upsert_plan("kp", [Allowance(M, 1_000), Allowance(K, 100)])
+    await ledger.upsert_org("k", "kp")
+    for a in ("up", "chat"):
+        await ledger.upsert_assistant("k", a)
+        await draws(ledger, "k", a)
+    r = await ledger.reserve(bot("k", "up"), [Charge(K, 100)], idempotency_key="upload")
+    await ledger.commit(r.reservation_id)
+    r = await ledger.reserve(bot("k", "up"), [Charge(K, 10)], idempotency_key="upload-2")
+    assert (r.decision, r.reason, r.silent) == (Decision.DENIED,
+                                                DenyReason.INSUFFICIENT_BALANCE, False)
+    c = await ledger.check(bot("k", "up"), K)
+    assert (c.active, c.reason) == (False, DenyReason.INSUFFICIENT_BALANCE) and not c.silent
+    assert await status(ledger, redis, "k") == []
+    for a in ("up", "chat"):
+        assert (await ledger.check(bot("k", a), M)).active
+        r = await ledger.reserve(bot("k", a), [Charge(M, 5)], idempotency_key=f"chat-{a}")
+        assert r.decision is Decision.GRANTED
+
+
+async def test_only_the_assistants_drawing_on_the_meter_are_told(ledger: Ledger,
+                                                                 redis: Any) -> None:
+    """A voice agent uses the org's last call seconds: it is deactivated; the chatbot,
+    which has never drawn on call seconds, is not (its chat is granted)."""
+    await ledger.upsert_plan("vp", [Allowance(M, 1_000), Allowance(CALL, 60)])
+    await ledger.upsert_org("v", "vp")
+    await ledger.upsert_assistant("v", "voice")
+    await ledger.upsert_assistant("v", "chat")
+    await draws(ledger, "v", "chat")  # message tokens only
+    r = await ledger.reserve(bot("v", "voice"), [Charge(CALL, 300)], idempotency_key="call",
+                             allow_partial=True)
+    assert r.granted[0].amount == 60
+    await ledger.commit(r.reservation_id)
+    assert await status(ledger, redis, "v") == [("deactivated", "voice", "exhausted")]
+    assert (await ledger.check(bot("v", "chat"), M)).active
+    r = await ledger.reserve(bot("v", "chat"), [Charge(M, 5)], idempotency_key="chat")
+    assert r.decision is Decision.GRANTED
+    # the voice agent is hidden for its calls, as Reserve answers
+    r = await ledger.reserve(bot("v", "voice"), [Charge(CALL, 1)], idempotency_key="call-2")
+    assert (r.decision, r.reason, r.silent) == (Decision.DENIED,
+                                                DenyReason.ASSISTANT_INACTIVE, True)
+    await ledger.topup("v", CALL, 120, "more-seconds")
+    assert (await status(ledger, redis, "v"))[1:] == [("reactivated", "voice", "")]
+
+
+def test_deactivates_assistants_in_the_catalog() -> None:
+    from quotagate import catalog
+    from quotagate.errors import ConfigError
+
+    c = catalog.parse({"meters": {"chat": {}, "docs": {"deactivates_assistants": False},
+                                  "disk": {"kind": "gauge"},
+                                  "seats": {"kind": "gauge", "deactivates_assistants": True}}})
+    assert c.catalog.quiet_meters == {"docs", "disk"}
+    with pytest.raises(ConfigError) as e:
+        catalog.parse({"meters": {"chat": {"deactivates_assistants": "no"}}}, "cat.toml")
+    assert e.value.field == "cat.toml: meters.chat.deactivates_assistants"

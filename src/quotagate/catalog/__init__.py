@@ -39,12 +39,19 @@ def _amount(value: Any, where: str) -> int:
 
 def parse(data: dict[str, Any], source: str = "catalog") -> CatalogFile:
     meters: dict[str, MeterKind] = {}
+    quiet: set[str] = set()
     for name, spec in (data.get("meters") or {}).items():
         kind = (spec or {}).get("kind", "counter")
         if kind not in ("counter", "gauge"):
             raise ConfigError(f"kind must be 'counter' or 'gauge', got {kind!r}",
                               f"{source}: meters.{name}.kind")
         meters[name] = MeterKind.COUNTER if kind == "counter" else MeterKind.GAUGE
+        deact = (spec or {}).get("deactivates_assistants", kind == "counter")
+        if not isinstance(deact, bool):
+            raise ConfigError(f"must be true or false, got {deact!r}",
+                              f"{source}: meters.{name}.deactivates_assistants")
+        if not deact:
+            quiet.add(name)
     if not meters:
         raise ConfigError("at least one meter is required", f"{source}: meters")
 
@@ -79,7 +86,7 @@ def parse(data: dict[str, Any], source: str = "catalog") -> CatalogFile:
     known(default, f"{source}: default_meter")
     seed = data.get("seed") or {}
     return CatalogFile(
-        Catalog(meters, plans, actions, default),
+        Catalog(meters, plans, actions, default, frozenset(quiet)),
         Seed(*(tuple(seed.get(k) or ()) for k in
                ("orgs", "teams", "seats", "assistants", "topups"))),
     )

@@ -143,3 +143,6 @@ class Catalog:
     plans: Mapping[str, tuple[Allowance, ...]] = field(default_factory=dict)
     actions: Mapping[str, tuple[Charge, ...]] = field(default_factory=dict)
     default_meter: str = "message_tokens"
+    #: meters whose running dry stops only their own feature: no assistant is deactivated
+    #: (the catalog's `deactivates_assistants = false`)
+    quiet_meters: frozenset[str] = frozenset()

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 from typing import Any
 
 from redis import exceptions as redis_errors
+
+from quotagate.ledger.keys import escape
 
 NAMES = ("reserve", "commit", "refund", "extend", "sweep", "topup", "balance", "configure",
          "transfer", "plan")
@@ -41,17 +43,25 @@ def _read(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(name).read_text("utf-8")
 
 
-def source(name: str) -> str:
+def _quiet(meters: Iterable[str]) -> str:
+    """lib.lua's QUIET: the (escaped) meters whose running dry deactivates no assistant
+    (the catalog's `deactivates_assistants = false`). A constant of the code, not an
+    argument of every call; the library's hash covers it."""
+    items = "".join(f"['{escape(m)}'] = true, " for m in sorted(meters))
+    return "local QUIET = {" + items + "}\n"
+
+
+def source(name: str, quiet: Iterable[str] = ()) -> str:
     """The EVAL form of a script: lib.lua, then the script."""
-    return _read("lib.lua") + "\n" + _read(f"{name}.lua")
+    return _quiet(quiet) + _read("lib.lua") + "\n" + _read(f"{name}.lua")
 
 
-def library() -> tuple[str, str]:
+def library(quiet: Iterable[str] = ()) -> tuple[str, str]:
     """(version tag, FUNCTION LOAD source) of the spend-path library."""
     # Function libraries are loaded with only the `redis` API at hand: lib.lua's
     # top-level `math.floor` lookup moves into a function body.
-    lib = _read("lib.lua").replace("local floor = math.floor",
-                                   "local function floor(x) return math.floor(x) end")
+    lib = _quiet(quiet) + _read("lib.lua").replace(
+        "local floor = math.floor", "local function floor(x) return math.floor(x) end")
     bodies = {name: _read(f"{name}.lua") for name in SPEND}
     tag = hashlib.sha1((lib + "".join(bodies.values())).encode()).hexdigest()[:12]
     parts = [f"#!lua name=quotagate_{tag}\n", lib]
@@ -65,9 +75,10 @@ class Scripts:
     """Every script, shareable by every request: redis-py script objects (EVALSHA) and
     the spend-path Function library."""
 
-    def __init__(self, redis: Any, functions: bool = True) -> None:
+    def __init__(self, redis: Any, functions: bool = True, quiet: Iterable[str] = ()) -> None:
         self._redis = redis
-        self._by_name = {name: redis.register_script(source(name)) for name in NAMES}
+        quiet = tuple(quiet)
+        self._by_name = {name: redis.register_script(source(name, quiet)) for name in NAMES}
         self.reserve = self._by_name["reserve"]
         self.commit = self._by_name["commit"]
         self.refund = self._by_name["refund"]
@@ -78,7 +89,7 @@ class Scripts:
         self.configure = self._by_name["configure"]
         self.transfer = self._by_name["transfer"]
         self.plan = self._by_name["plan"]
-        self.tag, self.library = library()
+        self.tag, self.library = library(quiet)
         self.function = {name: f"qg_{self.tag}_{name}" for name in SPEND}
         #: None: not known yet; False: this Redis has no Functions (or they are off)
         self.functions: bool | None = None if functions else False

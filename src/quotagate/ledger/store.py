@@ -209,7 +209,8 @@ class Ledger:
         self.clock = clock
         self.keys = keys or Keys()
         self.opt = options or LedgerOptions()
-        self.scripts = Scripts(redis, functions=self.opt.functions)
+        self.scripts = Scripts(redis, functions=self.opt.functions,
+                               quiet=catalog.quiet_meters)
         self._kind = {m: k.value for m, k in catalog.meters.items()}
         self.cluster = isinstance(redis, RedisClusterClient)
         if self.cluster:

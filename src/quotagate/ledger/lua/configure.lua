@@ -304,15 +304,16 @@ if op == 'assistant' then
   local created = redis.call('HSET', cfg, 'as:' .. ae, enabled, 'at:' .. ae, te)
   local switched = was and was ~= enabled
   -- Enabled where its wallet has run dry, it stays inactive, as Reserve answers: each
-  -- meter it was deactivated on or the org was ever given is looked at with its (new)
-  -- team; dry, it is (still) listed inactive, else it leaves the list.
+  -- meter it was deactivated on or has drawn on (a meter that deactivates assistants)
+  -- is looked at with its (new) team; dry, it is (still) listed inactive, else it
+  -- leaves the list.
   local dry_meter, told = nil, false
   if enabled == '1' then
     local flat = redis.call('HGETALL', cfg)
     local meters = {}
     for i = 1, #flat, 2 do
       local m = string.match(flat[i], '^am:(.*)$')
-      if m then meters[#meters + 1] = m end
+      if m and not QUIET[m] then meters[#meters + 1] = m end
     end
     table.sort(meters)
     for _, meter in ipairs(meters) do
@@ -320,10 +321,8 @@ if op == 'assistant' then
       local ia = bal .. '|ia'
       local w = wallet_unpack(redis.call('HGET', bal, 'w'))
       local listed = redis.call('HEXISTS', ia, ae) == 1
-      local given = listed
-      if w then
-        for i = 2, NWF do given = given or w[i] ~= 0 end
-      end
+      -- only the meters it draws on (has reserved before), or was listed inactive on
+      local given = listed or redis.call('HEXISTS', bal, 'u:' .. ae) == 1
       if w and given then
         -- a wallet's period is 0 only for a gauge meter (never reset)
         local ctx = ctx_for(meter, (w[1] == 0) and 'g' or 'c', te)

@@ -330,23 +330,30 @@ local function chain_load(ctx)
   local bal, pid = ctx.bal, ctx.pid
   local ws, v
   local og = ctx.plan_grant - ctx.allocated
+  -- an assistant's call also reads whether it has drawn on this meter before ('u:<ae>')
+  local u = ctx.ae and ('u:' .. ctx.ae)
   if se ~= '' and te ~= '' then
     local sp, tp = 'S:' .. se .. ':', 'T:' .. te .. ':'
-    v = redis.call('HMGET', bal, sp .. 'w', tp .. 'w', 'w', 'd', 'ev', 'atu', 'iac')
+    if u then v = redis.call('HMGET', bal, sp .. 'w', tp .. 'w', 'w', 'd', 'ev', 'atu', 'iac', u)
+    else v = redis.call('HMGET', bal, sp .. 'w', tp .. 'w', 'w', 'd', 'ev', 'atu', 'iac') end
     ws = {wallet_from(v[1], bal, sp, pid, 0, 'S'), wallet_from(v[2], bal, tp, pid,
       ctx.team_grant, 'T'), wallet_from(v[3], bal, '', pid, og, 'O')}
   elseif se ~= '' or te ~= '' then
     local lv = (se ~= '') and 'S' or 'T'
     local p = (se ~= '') and ('S:' .. se .. ':') or ('T:' .. te .. ':')
-    v = redis.call('HMGET', bal, p .. 'w', 'w', 'd', 'ev', 'atu', 'iac')
+    if u then v = redis.call('HMGET', bal, p .. 'w', 'w', 'd', 'ev', 'atu', 'iac', u)
+    else v = redis.call('HMGET', bal, p .. 'w', 'w', 'd', 'ev', 'atu', 'iac') end
     ws = {wallet_from(v[1], bal, p, pid, (lv == 'T') and ctx.team_grant or 0, lv),
       wallet_from(v[2], bal, '', pid, og, 'O')}
   else
-    v = redis.call('HMGET', bal, 'w', 'd', 'ev', 'atu', 'iac')
+    if u then v = redis.call('HMGET', bal, 'w', 'd', 'ev', 'atu', 'iac', u)
+    else v = redis.call('HMGET', bal, 'w', 'd', 'ev', 'atu', 'iac') end
     ws = {wallet_from(v[1], bal, '', pid, og, 'O')}
   end
   local nw = #ws
   local ow = ws[nw]
+  -- first draw of this assistant on the meter: chain_save records it
+  ctx.new_user = u and not v[nw + 5] and u
   ow.extra = {d = v[nw + 1], ev = v[nw + 2], atu = v[nw + 3], iac = v[nw + 4]}
   -- the debt as stored (chain_save writes it when it moved)
   ow.d0 = N(v[nw + 1])
@@ -402,6 +409,10 @@ local function chain_save(ctx, ws)
   if o.d0 ~= ctx.d then
     f[n + 1] = 'd'; f[n + 2] = I(ctx.d); n = n + 2
     o.d0 = ctx.d; o.extra.d = ctx.d
+  end
+  if ctx.new_user then
+    f[n + 1] = ctx.new_user; f[n + 2] = '1'; n = n + 2
+    ctx.new_user = false
   end
   if n > 0 then redis.call('HSET', ws[1].bal, unpack(f)) end
 end
@@ -968,6 +979,7 @@ end
 
 -- Returns true when it was not deactivated yet (and now is, with an event).
 local function assistant_deactivate(ctx, ae, reason, now)
+  if QUIET[ctx.meter] then return false end  -- running dry stops only that feature
   local ia = ctx.bal .. '|ia'
   if redis.call('HEXISTS', ia, ae) == 1 then return false end
   local seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
@@ -1024,6 +1036,7 @@ end
 -- the crossing only, after the caller's wallets are saved.
 local function deactivate_dry(ctx, now)
   ctx.dry = false
+  if QUIET[ctx.meter] then return end
   local flat = redis.call('HGETALL', ctx.cfg)
   local c, ids = {}, {}
   for i = 1, #flat, 2 do
@@ -1032,6 +1045,15 @@ local function deactivate_dry(ctx, now)
     if v == '1' and string.sub(f, 1, 3) == 'as:' then ids[#ids + 1] = string.sub(f, 4) end
   end
   table.sort(ids)
+  -- only those that have drawn on this meter: a chatbot does not draw on call seconds
+  if #ids > 0 then
+    local names = {}
+    for i = 1, #ids do names[i] = 'u:' .. ids[i] end
+    local used = redis.call('HMGET', ctx.bal, unpack(names))
+    local keep = {}
+    for i = 1, #ids do if used[i] then keep[#keep + 1] = ids[i] end end
+    ids = keep
+  end
   local dry = {}
   for i = 1, #ids do
     local ae = ids[i]

@@ -38,7 +38,7 @@ local function contexts(v, ks, anchor, seats, lowpct)
   for i = 1, n do
     local c = charges[i]
     local ctx = {cfg = cfg, bal = c.bal, te = te, se = se, meter = c.meter, kind = c.kind,
-      maxlen = maxlen}
+      maxlen = maxlen, ae = (ae ~= '') and ae or nil}
     if c.kind == 'g' then
       ctx.pid, ctx.pstart, ctx.pend = 0, 0, 0
     else
@@ -177,7 +177,9 @@ local function decide(wss)
   if not a_enabled then return 'inactive' end
   if ae ~= '' then
     for i = 1, n do
-      if chain_available(ctxs[i], wss[i]) <= 0 then return 'exhausted', i end
+      if not QUIET[ctxs[i].meter] and chain_available(ctxs[i], wss[i]) <= 0 then
+        return 'exhausted', i
+      end
     end
   end
   local grants = {}
