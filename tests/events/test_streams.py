@@ -218,3 +218,27 @@ async def test_watch_events_refuses_a_cursor_it_cannot_honour(server: Grpc,
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await next_msg(gone)
     assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    # trimmed only up to `kept`: what comes after it is all there, and is replayed
+    await xadd(redis, "wallet.low", "acme")
+    [(kept, _)] = await redis.xrange(stream, count=1)
+    after_kept = await xadd(redis, "wallet.replenished", "acme")
+    await redis.xtrim(stream, maxlen=2)
+    ok = server.admin.WatchEvents(admin_pb2.WatchEventsRequest(
+        org_id="acme", after=kept.decode() if isinstance(kept, bytes) else kept))
+    assert (await next_msg(ok)).event.id == after_kept
+    ok.cancel()
+
+
+async def test_a_stream_opened_on_an_empty_shard_can_be_resumed(server: Grpc,
+                                                                redis: Any) -> None:
+    """On a new deployment most shard streams are empty: the start cursor is 0-0, and
+    resuming from it replays every event since (nothing was ever trimmed)."""
+    call = server.admin.WatchEvents(admin_pb2.WatchEventsRequest(org_id="acme"))
+    start = dict(await call.initial_metadata())["quotagate-cursor"]
+    assert start == "0-0"
+    call.cancel()
+    missed = [await xadd(redis, "wallet.low", "acme"), await xadd(redis, "period.reset", "acme")]
+    resumed = server.admin.WatchEvents(admin_pb2.WatchEventsRequest(org_id="acme",
+                                                                    after=start))
+    assert [(await next_msg(resumed)).event.id for _ in range(2)] == missed
+    resumed.cancel()

@@ -343,3 +343,20 @@ def test_deactivates_assistants_in_the_catalog() -> None:
     with pytest.raises(ConfigError) as e:
         catalog.parse({"meters": {"chat": {"deactivates_assistants": "no"}}}, "cat.toml")
     assert e.value.field == "cat.toml: meters.chat.deactivates_assistants"
+
+
+@pytest.mark.skipif(CLUSTER, reason="MONITOR watches one server")
+async def test_the_overage_index_is_written_once_a_period_not_every_call(
+        ledger: Ledger, redis_server: Any) -> None:
+    """The sweeper's overage index ('ovc') is written at a period's first overage (and when
+    billing starts again from 0), not by every Commit that uses overage."""
+    await org_with(ledger, "ov", 100)
+    await ledger.set_overage("ov", M, 10_000, unit_price_micros=1_000,
+                             bill_every_micros=1_000_000_000)
+    ovc = ledger.keys.prefix(ledger.keys.shard_of("ov")) + "ovc"
+    mon = ScriptCommands(redis_server.url)
+    await spend(ledger, Subject("ov"), 100, 100, "plan")
+    for i in range(5):
+        await spend(ledger, Subject("ov"), 10, 10, f"over-{i}")
+    seen = await mon.stop(redis_server.url)
+    assert [c for c in seen if c == ("ZADD", ovc)] == [("ZADD", ovc)]

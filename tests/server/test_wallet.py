@@ -312,3 +312,21 @@ async def test_commit_into_overage_is_billed_and_refund_unbills(api: Api, server
              if e[0] == "overage.threshold_reached"]
     assert bills == ["3000000"]
     assert ch(1).amount == 1
+
+
+async def test_overage_closed_when_a_repeated_commit_is_the_first_touch(
+        api: Api, server: Grpc, redis: Any) -> None:
+    """The first call of a new period may be a retried Commit (or Refund): its answer
+    rolls the period like any call, and closes the overage then."""
+    ledger = server.app.ledger
+    assert ledger is not None
+    await overage(api, 20_000, price=10_000)
+    await api.use(10_000)
+    r = await api.reserve(500)
+    await api.q.Commit(quota_pb2.CommitRequest(reservation_id=r.reservation_id))
+    set_clock(server, ms(2026, 12, 1))
+    again = await api.q.Commit(quota_pb2.CommitRequest(reservation_id=r.reservation_id))
+    assert again.state == common_pb2.HOLD_STATE_COMMITTED
+    await ledger.sweep_all()
+    closed = [e[1] for e in await events(server, redis) if e[0] == "overage.period_closed"]
+    assert closed == [{"meter": M, "amount_micros": "5000000", "overage_tokens": "500"}]

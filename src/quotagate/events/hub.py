@@ -170,12 +170,15 @@ async def replay(redis: Any, keys: Keys, org_id: str, after: tuple[int, int],
     stream = keys.events(keys.shard_of(org_id))
     start = f"{after[0]}-{after[1]}"
     try:
-        first = await redis.xrange(stream, count=1)
-        if first:
-            ms, _, seq = _s(first[0][0]).partition("-")
+        info = await redis.xinfo_stream(stream) if await redis.exists(stream) else {}
+        if "entries-added" in info and info["entries-added"] == info["length"]:
+            gap = False  # Redis 7: nothing was ever trimmed, every event is still there
+        elif info.get("length"):
+            # trimming drops the oldest: some may be after `after` when the oldest left is
+            first = await redis.xrange(stream, count=1)
+            ms, _, seq = _s(first[0][0]).partition("-") if first else ("0", "", "0")
             gap = (int(ms), int(seq)) > after
         else:  # empty: was anything written after `after` (and then trimmed)?
-            info = await redis.xinfo_stream(stream) if await redis.exists(stream) else {}
             ms, _, seq = _s(info.get("last-generated-id", "0-0")).partition("-")
             gap = (int(ms), int(seq)) > after
     except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:

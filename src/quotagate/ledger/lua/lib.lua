@@ -526,9 +526,9 @@ end
 
 -- Overage tokens used are billed: their price accrues in ctx.billed (micros).
 local function overage_used(ctx, x)
+  if ctx.org.ou == 0 then ctx.ovfirst = true end  -- the period's first overage
   ctx.org.ou = ctx.org.ou + x; ctx.org.dirty = true
   ctx.billed = (ctx.billed or 0) + x * ctx.oprice
-  ctx.ovused = true
 end
 
 -- Turn x held tokens of a take into usage.
@@ -1087,18 +1087,20 @@ local function overage_events(ctx, now)
       redis.call('HSET', ctx.bal, 'oub', '0')
     end
   end
-  if ctx.ovused then
-    -- The period's overage must be closed (and billed) when it ends, even if nobody
-    -- touches the org then: the sweeper closes what this index says is due.
-    ctx.ovused = false
-    if ctx.kind ~= 'g' and (ctx.pend or 0) > 0 then
-      redis.call('ZADD', shard_prefix(ctx.bal) .. 'ovc', I(ctx.pend), o .. '|' .. ctx.meter)
-    end
-  end
+  -- The period's overage must be closed (and billed) when it ends, even if nobody
+  -- touches the org then: the sweeper closes what the index 'ovc' says is due. Written
+  -- at the period's first overage and whenever billing starts again from 0 (so an org
+  -- already in overage when this build arrived is indexed too), not at every call.
+  local first = ctx.ovfirst
+  ctx.ovfirst = false
   local billed = ctx.billed or 0
   ctx.billed = 0
+  local unbilled = (billed ~= 0) and N(redis.call('HINCRBY', ctx.bal, 'oub', I(billed))) or 0
+  if (first or (billed > 0 and unbilled == billed)) and ctx.kind ~= 'g'
+      and (ctx.pend or 0) > 0 then
+    redis.call('ZADD', shard_prefix(ctx.bal) .. 'ovc', I(ctx.pend), o .. '|' .. ctx.meter)
+  end
   if billed == 0 then return end
-  local unbilled = N(redis.call('HINCRBY', ctx.bal, 'oub', I(billed)))
   if ctx.obill_every > 0 and unbilled >= ctx.obill_every then
     local seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
     emit(ctx.bal, 'overage.threshold_reached', 'overage.threshold_reached:' .. o .. ':'

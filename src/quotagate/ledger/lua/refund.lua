@@ -37,6 +37,7 @@ local function answer(state)
     local ctx = hold_ctx(h, i, now, maxlen)
     local ws = chain_load(ctx)
     chain_save(ctx, ws)
+    after_change(ctx, now, false)  -- a period rolled here is closed as on any call
     out[#out + 1] = h.m[i]
     out[#out + 1] = N(h.r[i])
     chain_view(ctx, ws, h.m[i], seat_room(ws, h.se, ctx.limit), ctx.pstart, ctx.pend, bals)
