@@ -189,6 +189,50 @@ def test_one_embedded_redis_per_data_dir(tmp_path: Path) -> None:
             first.wait(30)
 
 
+_SUBREAPER_SCENARIO = r"""
+import ctypes, os, re, signal, subprocess, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+def serve():
+    p = subprocess.Popen([sys.executable, "-m", "quotagate", "serve"], text=True,
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    for line in p.stderr:
+        if re.search(r"serving on", line):
+            return p
+    raise SystemExit("serve did not start: " + str(p.wait()))
+first = serve()
+redis_pid = int(open(os.environ["QUOTAGATE_DATA_DIR"] + "/redis/redis.pid").read())
+first.kill(); first.wait()
+time.sleep(0.3)
+ppid = int(open(f"/proc/{redis_pid}/stat").read().rsplit(")", 1)[1].split()[1])
+print("orphan's parent is us:", ppid == os.getpid())
+second = serve()  # takes over: the orphan's starter is gone, whoever adopted it
+time.sleep(0.2)
+print("orphan stopped:", not os.path.exists(f"/proc/{redis_pid}") or
+      open(f"/proc/{redis_pid}/stat").read().split()[2] == "Z")
+second.send_signal(signal.SIGTERM)
+print("second stopped:", second.wait(30))
+for _ in range(50):  # reap what we adopted
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        break
+"""
+
+
+def test_a_killed_serve_is_taken_over_under_a_subreaper(tmp_path: Path) -> None:
+    """Where a subreaper (systemd, tini -s, a supervisor) adopts the Redis a killed serve
+    left, its parent is not 1: the next serve still takes over, since it asks whether
+    the serve that started that Redis is alive, not who its parent is."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("QUOTAGATE_")}
+    e.update(QUOTAGATE_LISTEN="127.0.0.1:0", QUOTAGATE_DATA_DIR=str(tmp_path),
+             QUOTAGATE_METRICS_LISTEN="127.0.0.1:0", QUOTAGATE_WORKERS="1")
+    done = subprocess.run([sys.executable, "-c", _SUBREAPER_SCENARIO], env=e,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["orphan's parent is us: True", "orphan stopped: True",
+                                        "second stopped: 0"], done.stdout
+
+
 @pytest.mark.parametrize(("var", "value"), [("QUOTAGATE_SHARDS", "many"),
                                             ("QUOTAGATE_LISTEN", "nowhere"),
                                             ("QUOTAGATE_REDIS_URL", "http://x"),

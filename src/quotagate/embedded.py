@@ -2,11 +2,12 @@
 the data directory, reached over a unix socket, stopped (and fsynced) on exit.
 
 One Redis per data directory: two writing the same AOF would corrupt it. `start` takes an
-exclusive lock on `<data dir>/redis/lock` and hands it to redis-server, so it is held for
-as long as that Redis runs, even past the death of the process that started it. A second
-`serve` (or `restore`) on the directory is refused, unless the holder is a redis-server
-whose starter has died (a killed `serve`): that one is stopped first (SIGTERM: it fsyncs
-its AOF) and the new process takes over."""
+exclusive lock on `<data dir>/redis/lock`, writes who it is into it (pid and start time)
+and hands the lock to redis-server, so it is held for as long as that Redis runs, even
+past the death of the process that started it. A second `serve` (or `restore`) on the
+directory is refused while that process lives (whatever its pid: 1 in a container); once
+it has died (a killed `serve`), the Redis it left is stopped first (SIGTERM: it fsyncs its
+AOF) and the new process takes over."""
 
 from __future__ import annotations
 
@@ -50,15 +51,27 @@ def _pid_of(pidfile: Path) -> int:
         return 0
 
 
-def orphaned_redis(pid: int) -> bool:
-    """Whether `pid` is a redis-server whose parent has gone (reparented to init)."""
+def _identity(pid: int) -> str:
+    """`<pid> <start time>` of a live process ('' when it is gone): a pid alone may have
+    been reused by another process since."""
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
+        try:  # no /proc: a live pid is taken as it is
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return ""
+        except OSError:
+            pass
+        return f"{pid} ?"
+    return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def _is_redis(pid: int) -> bool:
+    try:
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
         return False
-    ppid = int(stat.rsplit(")", 1)[1].split()[1])
-    return b"redis-server" in cmd and ppid == 1
 
 
 class EmbeddedRedis:
@@ -71,6 +84,17 @@ class EmbeddedRedis:
         self.port = 0
         self._lock: int | None = None
 
+    def owner_gone(self) -> bool:
+        """Whether the process that started the data dir's Redis (its identity is in the
+        lock file) has died, leaving that Redis behind. False while it lives, and when
+        nothing says who it was."""
+        try:
+            owner = (self.dir / "lock").read_text().strip()
+        except OSError:
+            return False
+        pid = owner.split(" ", 1)[0]
+        return pid.isdigit() and _identity(int(pid)) != owner
+
     def _take_lock(self) -> None:
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         deadline = 0.0
@@ -78,11 +102,14 @@ class EmbeddedRedis:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self._lock = fd
+                me = _identity(os.getpid()).encode()  # who owns it now, for the next one
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, me + b"\n", 0)
                 return
             except BlockingIOError:
                 pass
             pid = _pid_of(self.dir / "redis.pid")
-            if not deadline and pid and orphaned_redis(pid):
+            if not deadline and pid and _is_redis(pid) and self.owner_gone():
                 log.warning("stopping the embedded redis-server (pid %d) a killed quotagate "
                             "left running on %s", pid, self.dir)
                 os.kill(pid, signal.SIGTERM)
@@ -146,6 +173,10 @@ class EmbeddedRedis:
                 log.info("embedded redis started at %s (AOF in %s)", self.url, self.dir)
                 return self.url
             time.sleep(0.02)
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+        self._release()
         raise RuntimeError("embedded redis-server did not answer within 30 s")
 
     async def stop(self) -> None:

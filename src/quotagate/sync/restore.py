@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quotagate.embedded import EmbeddedRedis, orphaned_redis
+from quotagate.embedded import EmbeddedRedis
 from quotagate.ledger import wallet
 from quotagate.ledger.keys import Keys, unescape
 from quotagate.ledger.store import LedgerOptions
@@ -208,7 +208,7 @@ def running_pid(embedded: EmbeddedRedis) -> int | None:
         pid = 0  # no pidfile: redis-server removes it when it stops
     if pid > 0 and _is_redis(pid):
         # left running by a killed serve: EmbeddedRedis.start stops it and takes over
-        return None if orphaned_redis(pid) else pid
+        return None if embedded.owner_gone() else pid
     return 0 if embedded.socket and embedded._ping() else None
 
 
