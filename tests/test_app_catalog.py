@@ -90,3 +90,44 @@ async def test_redis_back_without_its_data_gets_the_catalog_again(
     finally:
         await ch.close()
         await app.stop()
+
+
+def _seeded(port: int, data_dir: Path) -> Settings:
+    s = _settings(port, data_dir)
+    return s.model_copy(update={"catalog": str(Path(__file__).parents[1] / "examples" /
+                                               "catalog.toml")})
+
+
+async def test_the_seed_creates_missing_orgs_and_leaves_existing_ones(
+        down_port: tuple[int, list[RedisServer]], tmp_path: Path) -> None:
+    """The demo seed makes the orgs that do not exist yet; at the next start what an
+    admin changed in a seeded org stays. Redis back without its data: the plans come
+    back at once, the seeded orgs do not (`quotagate restore` brings the orgs back)."""
+    port, servers = down_port
+    srv = RedisServer(port=port).start()
+    servers.append(srv)
+    app = await App(_seeded(port, tmp_path)).start()
+    try:
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        admin, quota = admin_pb2_grpc.AdminServiceStub(ch), quota_pb2_grpc.QuotaServiceStub(ch)
+        assert await _monthly(quota, "demo") > 0
+        await admin.UpsertOrg(admin_pb2.UpsertOrgRequest(org_id="demo", plan="starter",
+                                                         seats=5))
+        await ch.close()
+    finally:
+        await app.stop()
+    app = await App(_seeded(port, tmp_path)).start()
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    admin, quota = admin_pb2_grpc.AdminServiceStub(ch), quota_pb2_grpc.QuotaServiceStub(ch)
+    try:
+        assert await _monthly(quota, "demo") == 100_000  # still on starter: not re-seeded
+        srv.stop()  # no AOF, no RDB: it comes back empty
+        srv.start()
+        assert await _upsert_org_within(admin, "beta", 8) < 8  # plans are back
+        r = await quota.Reserve(quota_pb2.ReserveRequest(
+            subject=common_pb2.Subject(org_id="demo"), idempotency_key="k",
+            charges=[common_pb2.Charge(meter="message_tokens", amount=1)]))
+        assert r.reason == common_pb2.DENY_REASON_UNKNOWN_SUBJECT  # not made up again
+    finally:
+        await ch.close()
+        await app.stop()

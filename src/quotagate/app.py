@@ -154,10 +154,10 @@ class App:
                  "embedded" if self.embedded else "external")
         return self
 
-    async def _try_catalog(self, cat: catalog_mod.CatalogFile) -> bool:
+    async def _try_catalog(self, cat: catalog_mod.CatalogFile, seed: bool = True) -> bool:
         """Apply the catalog; False when Redis did not answer (a bad seed still raises)."""
         try:
-            await self._apply_catalog(cat)
+            await self._apply_catalog(cat, seed)
         except (Unavailable, RedisError, OSError) as e:
             log.warning("catalog not applied yet, redis not answering (retrying): %s", e)
             return False
@@ -169,6 +169,7 @@ class App:
         EXISTS of a catalog plan every CATALOG_CHECK_SECONDS."""
         assert self.ledger is not None
         probe = next((self.ledger.keys.plan(name) for name in cat.catalog.plans), None)
+        seed = True
         while not applied or probe is not None:
             await asyncio.sleep(CATALOG_CHECK_SECONDS)
             if applied:
@@ -177,37 +178,56 @@ class App:
                         continue
                 except (RedisError, OSError):
                     continue  # down: health reports it; checked again when it answers
+                # Plans only: the orgs (the seed's too) come back with `quotagate restore`,
+                # which a fresh seed would get in the way of.
                 log.warning("catalog plans missing in redis (restarted without its data?): "
-                            "applying the catalog again")
+                            "applying the catalog's plans again; run `quotagate restore` "
+                            "to bring the orgs back from SQL")
+                seed = False
             try:
-                applied = await self._try_catalog(cat)
+                applied = await self._try_catalog(cat, seed)
             except QuotagateError as e:
                 log.error("catalog not applied: %s", e)
                 return
             if applied:
                 log.info("catalog applied")
 
-    async def _apply_catalog(self, cat: catalog_mod.CatalogFile) -> None:
+    async def _apply_catalog(self, cat: catalog_mod.CatalogFile, seed_too: bool = True) -> None:
         """Catalog plans are (re)applied at every start (and when Redis lost them, see
-        _keep_catalog); the demo seed is idempotent."""
+        _keep_catalog). The seed creates the orgs that do not exist yet, with their teams,
+        seats, assistants and top-ups; an org that exists is left as it is (what an admin
+        changed since stays)."""
         assert self.ledger is not None
         ledger = self.ledger
         for name, allowances in cat.catalog.plans.items():
             await ledger.upsert_plan(name, allowances)
+        if not seed_too:
+            return
         seed = cat.seed
+        new: set[str] = set()
         for o in seed.orgs:
-            await ledger.upsert_org(o["org_id"], o["plan"], o.get("seats", 0),
-                                    o.get("period_anchor_day", 0), o.get("ai_enabled", True))
+            if not await self.redis.exists(ledger.keys.cfg(o["org_id"])):
+                new.add(o["org_id"])
+                await ledger.upsert_org(o["org_id"], o["plan"], o.get("seats", 0),
+                                        o.get("period_anchor_day", 0),
+                                        o.get("ai_enabled", True))
         for t in seed.teams:
-            await ledger.upsert_team(t["org_id"], t["team_id"], t.get("seats", 0))
+            if t["org_id"] in new:
+                await ledger.upsert_team(t["org_id"], t["team_id"], t.get("seats", 0))
         for st in seed.seats:
+            if st["org_id"] not in new:
+                continue
             await ledger.upsert_seat(st["org_id"], st["seat_id"], st.get("team_id", ""), [
                 SeatLimit(lim["meter"], lim.get("monthly_limit", 0), lim.get("unlimited", False))
                 for lim in st.get("limits", ())])
         for a in seed.assistants:
+            if a["org_id"] not in new:
+                continue
             await ledger.upsert_assistant(a["org_id"], a["assistant_id"], a.get("team_id", ""),
                                           a.get("enabled", True))
         for tp in seed.topups:
+            if tp["org_id"] not in new:
+                continue
             await ledger.topup(tp["org_id"], tp["meter"], tp["amount"], tp["purchase_id"],
                                tp.get("team_id", ""), tp.get("seat_id", ""))
 
