@@ -40,7 +40,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy src
 
-proto: $(STAMP) ## regenerate src/quotagate/v1 from proto/
+proto: $(STAMP) ## regenerate src/quotagate/v1 from proto/ and src/quotagate/envoy from third_party/envoy-rls/
 	$(PY) scripts/gen_proto.py
 
 CGEN := build/cgen/loadgen

@@ -84,8 +84,7 @@ def make_call(job: Job, channel: grpc.aio.Channel,  # type: ignore[no-untyped-de
 
     rls = None
     if job.scenario == "envoy_rls":
-        from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-        from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+        from quotagate.envoy import ratelimit_pb2, rls_pb2, rls_pb2_grpc
 
         rls = rls_pb2_grpc.RateLimitServiceStub(channel)
         entry = ratelimit_pb2.RateLimitDescriptor.Entry

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerate the Python stubs of the quotagate API from proto/.
+"""Regenerate the Python stubs of the quotagate API from proto/ (and of the part of
+Envoy's rate-limit API it serves, from third_party/envoy-rls/, into src/quotagate/envoy).
 
     python scripts/gen_proto.py           # write src/quotagate/v1/*_pb2{,_grpc}.py, *_pb2.pyi
     python scripts/gen_proto.py --check   # exit 1 and list the files that are stale
@@ -24,11 +25,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_ROOT = ROOT / "proto"
-PACKAGE = "quotagate.v1"
-PACKAGE_DIR = Path(*PACKAGE.split("."))
 OUT_ROOT = ROOT / "src"
-INIT_TEXT = '"""quotagate API stubs, generated; `make proto` regenerates (never edit)."""\n'
+#: (proto root, Python package of its files): every proto is `<package dir>/x.proto`
+JOBS = ((ROOT / "proto", "quotagate.v1",
+         '"""quotagate API stubs, generated; `make proto` regenerates (never edit)."""\n'),
+        (ROOT / "third_party" / "envoy-rls", "quotagate.envoy",
+         '"""Envoy\'s rate-limit API, the part quotagate serves (third_party/envoy-rls), '
+         'generated; `make proto` regenerates (never edit)."""\n'))
 
 #: Names of generated files in the package directory (what --check compares, and what a
 #: regeneration may delete when its proto is gone).
@@ -37,10 +40,10 @@ GENERATED = re.compile(r".*_pb2(_grpc)?\.pyi?$")
 _BARE_IMPORT = re.compile(r"^import (\w+_pb2(?:_grpc)?) as (\w+)$", re.MULTILINE)
 
 
-def proto_files() -> list[Path]:
-    files = sorted((PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+def proto_files(root: Path, package: str) -> list[Path]:
+    files = sorted((root / Path(*package.split("."))).glob("*.proto"))
     if not files:
-        sys.exit(f"no .proto files under {PROTO_ROOT / PACKAGE_DIR}")
+        sys.exit(f"no .proto files under {root / Path(*package.split('.'))}")
     return files
 
 
@@ -48,42 +51,42 @@ def well_known_types() -> str:
     return str(importlib.resources.files("grpc_tools") / "_proto")
 
 
-def run_protoc(out_root: Path) -> None:
+def run_protoc(out_root: Path, root: Path, package: str) -> None:
     from grpc_tools import protoc
 
     out_root.mkdir(parents=True, exist_ok=True)
     args = [
         "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}",
+        f"-I{root}",
         f"-I{well_known_types()}",
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
         # Absolute paths: protoc maps them through the first -I to quotagate/v1/x.proto.
-        *(str(p) for p in proto_files()),
+        *(str(p) for p in proto_files(root, package)),
     ]
     code = protoc.main(args)
     if code != 0:
         sys.exit(f"protoc failed with exit code {code}")
 
 
-def fix_imports(pkg_dir: Path) -> None:
+def fix_imports(pkg_dir: Path, package: str) -> None:
     """Make every import between generated modules absolute: `from quotagate.v1 import x`."""
     for path in sorted(pkg_dir.iterdir()):
         if not GENERATED.match(path.name):
             continue
         text = path.read_text(encoding="utf-8")
-        fixed = _BARE_IMPORT.sub(rf"from {PACKAGE} import \1 as \2", text)
+        fixed = _BARE_IMPORT.sub(rf"from {package} import \1 as \2", text)
         if fixed != text:
             path.write_text(fixed, encoding="utf-8")
 
 
-def generate(out_root: Path) -> Path:
+def generate(out_root: Path, root: Path, package: str, init_text: str) -> Path:
     """Generate the package into out_root; return the package directory."""
-    run_protoc(out_root)
-    pkg_dir = out_root / PACKAGE_DIR
-    fix_imports(pkg_dir)
-    (pkg_dir / "__init__.py").write_text(INIT_TEXT, encoding="utf-8")
+    run_protoc(out_root, root, package)
+    pkg_dir = out_root / Path(*package.split("."))
+    fix_imports(pkg_dir, package)
+    (pkg_dir / "__init__.py").write_text(init_text, encoding="utf-8")
     return pkg_dir
 
 
@@ -97,9 +100,17 @@ def managed(pkg_dir: Path) -> set[str]:
 
 
 def check() -> int:
-    committed = OUT_ROOT / PACKAGE_DIR
+    return max(check_one(*job) for job in JOBS)
+
+
+def write() -> int:
+    return max(write_one(*job) for job in JOBS)
+
+
+def check_one(root: Path, package: str, init_text: str) -> int:
+    committed = OUT_ROOT / Path(*package.split("."))
     with tempfile.TemporaryDirectory(prefix="quotagate-proto-") as tmp:
-        fresh = generate(Path(tmp))
+        fresh = generate(Path(tmp), root, package, init_text)
         want, have = managed(fresh), managed(committed)
         stale = sorted(
             name for name in want & have
@@ -121,10 +132,10 @@ def check() -> int:
     return 1
 
 
-def write() -> int:
-    target = OUT_ROOT / PACKAGE_DIR
+def write_one(root: Path, package: str, init_text: str) -> int:
+    target = OUT_ROOT / Path(*package.split("."))
     with tempfile.TemporaryDirectory(prefix="quotagate-proto-") as tmp:
-        fresh = generate(Path(tmp))
+        fresh = generate(Path(tmp), root, package, init_text)
         want = managed(fresh)
         target.mkdir(parents=True, exist_ok=True)
         for name in sorted(managed(target) - want):

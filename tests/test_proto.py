@@ -297,3 +297,24 @@ def test_buf_lint() -> None:
     proc = subprocess.run([buf, "lint"], cwd=PROTO_ROOT, capture_output=True, text=True,
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_two_installed_packages_write_the_same_generated_protos() -> None:
+    """pip lets two distributions install the same file and keeps the last one: the
+    OpenTelemetry exporter broke when another package's old copy of
+    opentelemetry/proto/... won (it depended on install order). quotagate's own Envoy
+    messages live in quotagate/envoy for that reason."""
+    from importlib import metadata
+
+    owners: dict[str, set[str]] = {}
+    for dist in metadata.distributions():
+        for f in dist.files or ():
+            p = str(f)
+            if p.endswith("_pb2.py") and p.startswith(("opentelemetry/", "google/", "envoy/",
+                                                         "quotagate/")):
+                owners.setdefault(p, set()).add(dist.metadata["Name"])
+    shared = {p: sorted(o) for p, o in owners.items() if len(o) > 1}
+    assert shared == {}
+    from opentelemetry.proto.common.v1 import common_pb2
+
+    assert hasattr(common_pb2, "InstrumentationScope")  # what the OTLP exporter imports

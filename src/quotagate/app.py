@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -25,6 +24,7 @@ from quotagate import catalog as catalog_mod
 from quotagate import telemetry
 from quotagate.clock import Clock, SystemClock
 from quotagate.embedded import EmbeddedRedis
+from quotagate.envoy import rls_pb2_grpc
 from quotagate.errors import ConfigError, QuotagateError, Unavailable
 from quotagate.events.notifier import Notifier, NotifierOptions
 from quotagate.ledger.keys import Keys

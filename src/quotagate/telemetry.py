@@ -173,8 +173,7 @@ def start_metrics_server(listen: str) -> MetricsServer | None:
 def _methods() -> tuple[str, ...]:
     """Every counted method, "/<service>/<method>", in the order of the services'
     descriptors: the same in every worker of a version."""
-    from envoy.service.ratelimit.v3 import rls_pb2
-
+    from quotagate.envoy import rls_pb2
     from quotagate.v1 import admin_pb2, quota_pb2
 
     out: list[str] = []

@@ -432,8 +432,7 @@ async def test_tls_settings_are_checked(redis_server: RedisServer, pki: Pki) -> 
 
 # -- Envoy's rate-limit service ------------------------------------------------------------
 def rls_request(*orgs: str) -> Any:
-    from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-    from envoy.service.ratelimit.v3 import rls_pb2
+    from quotagate.envoy import ratelimit_pb2, rls_pb2
 
     return rls_pb2.RateLimitRequest(domain="ai", hits_addend=3, descriptors=[
         ratelimit_pb2.RateLimitDescriptor(entries=[
@@ -441,7 +440,7 @@ def rls_request(*orgs: str) -> Any:
 
 
 async def test_envoy_rate_limit_needs_a_key_for_every_descriptors_org(secure: Secure) -> None:
-    from envoy.service.ratelimit.v3 import rls_pb2_grpc
+    from quotagate.envoy import rls_pb2_grpc
 
     rls = rls_pb2_grpc.RateLimitServiceStub(secure.channel)
     assert await code_of(rls.ShouldRateLimit(rls_request("acme"))) is \

@@ -9,14 +9,13 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf.wrappers_pb2 import UInt64Value
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from conftest import Grpc
 from grpc_api import Api, sub
+from quotagate.envoy import ratelimit_pb2, rls_pb2, rls_pb2_grpc
 from quotagate.v1 import admin_pb2, quota_pb2
 
 Resp = rls_pb2.RateLimitResponse

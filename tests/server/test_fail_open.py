@@ -17,8 +17,6 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -27,6 +25,7 @@ from grpc_api import G, ch, sub
 from quotagate import telemetry
 from quotagate.app import App
 from quotagate.clock import ManualClock
+from quotagate.envoy import ratelimit_pb2, rls_pb2, rls_pb2_grpc
 from quotagate.ledger.model import Allowance
 from quotagate.server import status
 from quotagate.settings import Settings

@@ -9,12 +9,11 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Grpc
 from grpc_api import Api, sub
+from quotagate.envoy import ratelimit_pb2, rls_pb2, rls_pb2_grpc
 from quotagate.v1 import quota_pb2
 
 Q = "quotagate.v1.QuotaService"

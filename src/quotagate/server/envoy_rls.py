@@ -41,9 +41,9 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from quotagate import telemetry
+from quotagate.envoy import rls_pb2, rls_pb2_grpc
 from quotagate.errors import InvalidArgument, Unavailable
 from quotagate.ledger import validate
 from quotagate.ledger.model import (

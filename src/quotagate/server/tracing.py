@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from envoy.service.ratelimit.v3 import rls_pb2
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from quotagate.envoy import rls_pb2
 from quotagate.v1 import common_pb2
 
 log = logging.getLogger(__name__)
