@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from conftest import Grpc
+from quotagate.events.hub import hub_for
 from quotagate.v1 import admin_pb2, common_pb2, quota_pb2
 
 M = "message_tokens"
 G, D = common_pb2.DECISION_GRANTED, common_pb2.DECISION_DENIED
+
+
+async def subscribed(server: Grpc, n: int = 1) -> None:
+    """Wait until the server's event hub has `n` subscribers (the stream is open)."""
+    assert server.app.ledger is not None
+    hub = hub_for(server.app.ledger.redis, server.app.ledger.keys)
+    deadline = time.monotonic() + 5
+    while hub.subscribers < n:
+        assert time.monotonic() < deadline, "the stream never subscribed"
+        await asyncio.sleep(0.01)
+
+
+async def next_msg(call: Any, within: float = 5.0) -> Any:
+    """The next message of a server stream, within `within` seconds."""
+    return await asyncio.wait_for(call.read(), within)
 
 
 def sub(org: str = "acme", team: str = "", seat: str = "", assistant: str = "") -> Any:

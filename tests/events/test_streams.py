@@ -12,6 +12,7 @@ import pytest
 from events_util import xadd
 
 from conftest import Grpc
+from grpc_api import next_msg, subscribed
 from quotagate.events.hub import hub_for
 from quotagate.ledger.model import Allowance, Charge, Decision, Subject
 from quotagate.v1 import admin_pb2, common_pb2, quota_pb2
@@ -19,18 +20,8 @@ from quotagate.v1 import admin_pb2, common_pb2, quota_pb2
 INACTIVE = common_pb2.DENY_REASON_ASSISTANT_INACTIVE
 
 
-async def subscribed(server: Grpc, n: int = 1) -> None:
-    """Wait until the server's hub has `n` subscribers (the stream is open)."""
-    assert server.app.ledger is not None
-    hub = hub_for(server.app.ledger.redis, server.app.ledger.keys)
-    deadline = time.monotonic() + 5
-    while hub.subscribers < n:
-        assert time.monotonic() < deadline, "the stream never subscribed"
-        await asyncio.sleep(0.01)
 
 
-async def next_msg(call: Any, within: float = 5.0) -> Any:
-    return await asyncio.wait_for(call.read(), within)
 
 
 async def test_watch_events_streams_the_orgs_new_events(server: Grpc, redis: Any) -> None:

@@ -13,7 +13,7 @@ import redis as sync_redis
 from test_events import events
 
 from conftest import CLUSTER, Grpc
-from quotagate.events.hub import hub_for
+from grpc_api import next_msg, subscribed
 from quotagate.ledger.model import Allowance, Charge, Decision, DenyReason, Subject
 from quotagate.ledger.store import Ledger
 from quotagate.v1 import common_pb2, quota_pb2
@@ -22,19 +22,8 @@ M = "message_tokens"
 INACTIVE = common_pb2.DENY_REASON_ASSISTANT_INACTIVE
 
 
-async def next_msg(call: Any) -> Any:
-    return await asyncio.wait_for(call.read(), 5)
 
 
-async def subscribed(server: Grpc) -> None:
-    """Wait until the server's hub has a subscriber (the stream is open)."""
-    assert server.app.ledger is not None
-    hub = hub_for(server.app.ledger.redis, server.app.ledger.keys)
-    for _ in range(500):
-        if hub.subscribers:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the stream never subscribed")
 
 
 def bot(org: str, a: str) -> Subject:

@@ -3,29 +3,16 @@ inactive with DENY_REASON_AI_DISABLED, and comes back when AI is switched on aga
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 from conftest import Grpc
+from grpc_api import next_msg, subscribed
 from quotagate.clock import ManualClock
-from quotagate.events.hub import hub_for
 from quotagate.v1 import admin_pb2, common_pb2, quota_pb2
 
 M = "message_tokens"
 
 
-async def next_msg(call: Any) -> Any:
-    return await asyncio.wait_for(call.read(), 5)
 
 
-async def subscribed(server: Grpc) -> None:
-    assert server.app.ledger is not None
-    hub = hub_for(server.app.ledger.redis, server.app.ledger.keys)
-    for _ in range(500):
-        if hub.subscribers:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the stream never subscribed")
 
 
 async def ai(server: Grpc, enabled: bool) -> None:
