@@ -349,3 +349,27 @@ async def test_the_overage_index_is_written_once_a_period_not_every_call(
         await spend(ledger, Subject("ov"), 10, 10, f"over-{i}")
     seen = await mon.stop(redis_server.url)
     assert [c for c in seen if c == ("ZADD", ovc)] == [("ZADD", ovc)]
+
+
+async def test_a_lower_overage_cap_or_allocation_tells_the_assistants_at_once(
+        ledger: Ledger, redis: Any) -> None:
+    """Admin changes that take a wallet's last room away (a lower overage cap, a smaller
+    team allocation) deactivate the assistants left with nothing right away, not at
+    their next call."""
+    await org_with(ledger, "cap", 100, "a")
+    await ledger.set_overage("cap", M, 50)
+    await spend(ledger, bot("cap", "a"), 100, 100, "plan")  # the plan used; overage left
+    assert await status(ledger, redis, "cap") == []
+    await ledger.set_overage("cap", M, 0)
+    assert await status(ledger, redis, "cap") == [("deactivated", "a", "exhausted")]
+    await ledger.set_overage("cap", M, 10)
+    assert (await status(ledger, redis, "cap"))[1:] == [("reactivated", "a", "")]
+
+    await org_with(ledger, "al", 1_000)
+    await ledger.upsert_team("al", "red")
+    await ledger.set_allocation_template("al", M, "custom", custom={"red": 100})
+    await ledger.upsert_assistant("al", "r", team_id="red")
+    await draws(ledger, "al", "r")
+    await spend(ledger, bot("al", "r"), 60, 60, "half")
+    await ledger.set_allocation_template("al", M, "custom", custom={"red": 50})
+    assert await status(ledger, redis, "al") == [("deactivated", "r", "exhausted")]

@@ -159,6 +159,9 @@ local function write_template(st, meter, spec, t)
     w.mg = (t.alloc[te] or 0) - w.mx; w.dirty = true
     wallet_save(w)
   end
+  -- a smaller allocation can leave a team's (or the org's) assistants with nothing: each
+  -- one's own chain is looked at (deactivate_dry), as after any other change of budget
+  octx.dry = true
   after_change(octx, now, true)
 end
 
@@ -400,6 +403,7 @@ if op == 'overage' then
   local ctx = ctx_for(meter, kind, '')
   local ws = chain_load(ctx)
   chain_save(ctx, ws)
+  ctx.dry = true  -- a lower cap can leave assistants with nothing (deactivate_dry looks)
   after_change(ctx, now, true)
   log({'meter', meter, 'cap', ARGV[7], 'unit_price_micros', ARGV[8],
     'bill_every_micros', ARGV[9]})
