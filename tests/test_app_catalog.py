@@ -131,3 +131,42 @@ async def test_the_seed_creates_missing_orgs_and_leaves_existing_ones(
     finally:
         await ch.close()
         await app.stop()
+
+
+async def test_a_seed_cut_short_is_finished_at_the_next_start(
+        down_port: tuple[int, list[RedisServer]], tmp_path: Path) -> None:
+    """The seed's org was created, then the start was cut short (Redis went away, the
+    process was killed) before its teams and seats: the org is still marked as being
+    seeded, and the next start creates the rest."""
+    import redis.asyncio as aioredis
+
+    from quotagate import catalog
+    from quotagate.clock import SystemClock
+    from quotagate.ledger.keys import Keys
+    from quotagate.ledger.store import Ledger
+
+    port, servers = down_port
+    servers.append(RedisServer(port=port).start())
+    r = aioredis.Redis(port=port)
+    cat = catalog.load(str(Path(__file__).parents[1] / "examples" / "catalog.toml"))
+    keys = Keys(16)
+    led = Ledger(r, cat.catalog, SystemClock(), keys)
+    for name, allowances in cat.catalog.plans.items():
+        await led.upsert_plan(name, allowances)
+    await r.sadd(keys.seeding(), "demo")  # what the cut-short start left
+    await led.upsert_org("demo", "pro", seats=5)
+    await led.aclose()
+    app = await App(_seeded(port, tmp_path)).start()
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    quota = quota_pb2_grpc.QuotaServiceStub(ch)
+    try:
+        got = await quota.Reserve(quota_pb2.ReserveRequest(
+            subject=common_pb2.Subject(org_id="demo", seat_id="alice"),
+            idempotency_key="k",
+            charges=[common_pb2.Charge(meter="message_tokens", amount=1)]))
+        assert got.decision == common_pb2.DECISION_GRANTED  # alice and her team exist now
+        assert not await r.smembers(keys.seeding())
+    finally:
+        await ch.close()
+        await app.stop()
+        await r.aclose()

@@ -233,6 +233,51 @@ def test_a_killed_serve_is_taken_over_under_a_subreaper(tmp_path: Path) -> None:
                                         "second stopped: 0"], done.stdout
 
 
+def test_a_redis_an_earlier_build_left_without_the_lock_is_stopped_first(
+        tmp_path: Path) -> None:
+    """Builds before the data-dir lock left their Redis running unlocked when killed: a
+    serve finds it by its pidfile, stops it (AOF fsynced) and starts its own on the same
+    files, with the data."""
+    from quotagate.embedded import EmbeddedRedis, redis_binary
+
+    first, port = start_serve(tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            q = quota_pb2_grpc.QuotaServiceStub(ch)
+            r = q.Reserve(quota_pb2.ReserveRequest(
+                subject=common_pb2.Subject(org_id="demo", seat_id="alice"),
+                charges=[common_pb2.Charge(meter="message_tokens", amount=777)],
+                idempotency_key="old-build"))
+            q.Commit(quota_pb2.CommitRequest(reservation_id=r.reservation_id))
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(30)
+    emb = EmbeddedRedis(tmp_path)  # its Redis, as an earlier build started it: no lock
+    assert emb.socket is not None
+    old = subprocess.Popen([redis_binary(), "--dir", str(emb.dir), "--appendonly", "yes",
+                            "--save", "", "--port", "0", "--unixsocket", str(emb.socket),
+                            "--pidfile", str(emb.dir / "redis.pid")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        for _ in range(200):
+            if emb._ping() and (emb.dir / "redis.pid").exists():
+                break
+            time.sleep(0.02)
+        proc, port = start_serve(tmp_path)
+        try:
+            assert old.wait(30) == 0  # stopped by SIGTERM, cleanly
+            assert _redis_on(tmp_path) != [old.pid] and len(_redis_on(tmp_path)) == 1
+            assert _used(port) == 777
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+
+
 @pytest.mark.parametrize(("var", "value"), [("QUOTAGATE_SHARDS", "many"),
                                             ("QUOTAGATE_LISTEN", "nowhere"),
                                             ("QUOTAGATE_REDIS_URL", "http://x"),

@@ -205,10 +205,14 @@ class App:
             return
         seed = cat.seed
         new: set[str] = set()
+        marks = ledger.keys.seeding()
         for o in seed.orgs:
-            if not await self.redis.exists(ledger.keys.cfg(o["org_id"])):
-                new.add(o["org_id"])
-                await ledger.upsert_org(o["org_id"], o["plan"], o.get("seats", 0),
+            org = o["org_id"]
+            if await self.redis.sismember(marks, org) or \
+                    not await self.redis.exists(ledger.keys.cfg(org)):
+                await self.redis.sadd(marks, org)  # until all of it is there
+                new.add(org)
+                await ledger.upsert_org(org, o["plan"], o.get("seats", 0),
                                         o.get("period_anchor_day", 0),
                                         o.get("ai_enabled", True))
         for t in seed.teams:
@@ -230,6 +234,8 @@ class App:
                 continue
             await ledger.topup(tp["org_id"], tp["meter"], tp["amount"], tp["purchase_id"],
                                tp.get("team_id", ""), tp.get("seat_id", ""))
+        if new:
+            await self.redis.srem(marks, *sorted(new))
 
     async def _start_sync(self, cat: catalog_mod.CatalogFile) -> None:
         """Migrate the SQL store, start the in-process syncer and the metrics endpoint.

@@ -67,6 +67,14 @@ def _identity(pid: int) -> str:
     return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (exited, its files closed, waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _is_redis(pid: int) -> bool:
     try:
         return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -105,6 +113,7 @@ class EmbeddedRedis:
                 me = _identity(os.getpid()).encode()  # who owns it now, for the next one
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, me + b"\n", 0)
+                self._stop_unlocked()
                 return
             except BlockingIOError:
                 pass
@@ -123,6 +132,20 @@ class EmbeddedRedis:
                     "QUOTAGATE_DATA_DIR", "QUOTAGATE_DATA_DIR")
             time.sleep(0.05)
 
+    def _stop_unlocked(self) -> None:
+        """A redis-server of this data dir that runs without the lock (left by a killed
+        `serve` of a build from before the lock): stopped (SIGTERM, AOF fsynced) before
+        ours starts on the same files."""
+        pid = _pid_of(self.dir / "redis.pid")
+        if not (pid and _is_redis(pid)):
+            return
+        log.warning("stopping the embedded redis-server (pid %d) an earlier quotagate left "
+                    "running on %s", pid, self.dir)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     @property
     def url(self) -> str:
         if self.socket:
@@ -133,11 +156,12 @@ class EmbeddedRedis:
         try:
             if self.socket:
                 s = socket.socket(socket.AF_UNIX)
-                s.settimeout(0.2)
-                s.connect(str(self.socket))
-            else:
-                s = socket.create_connection(("127.0.0.1", self.port), timeout=0.2)
-            with s:
+                with s:  # closed on a failed connect too
+                    s.settimeout(0.2)
+                    s.connect(str(self.socket))
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

@@ -69,3 +69,30 @@ async def test_refund_of_debt_paid_last_period_leaves_this_periods_usage_charged
     (after,) = await ledger.get_balance(org, [M])
     assert (after.monthly_used, after.topup_remaining, after.used) == (0, 345, 0)
     assert after.remaining == 1_000 + 345 + 300
+
+
+async def test_holds_expiring_together_pay_debt_from_monthly_first(
+        ledger: Ledger, clock: ManualClock) -> None:
+    """Debt is waiting; three holds expire in one sweep, one of them holding the org's
+    only top-up token. The batch comes back as one refill, so the debt is paid from the
+    monthly tokens whatever order the sweep met the holds in (it depends on their random
+    ids); settled between releases, the top-up was spent about one time in three."""
+    await ledger.upsert_plan("small", [Allowance(M, 100)])
+    for n in range(12):
+        org = f"o{n}"
+        await ledger.upsert_org(org, "small")
+        await ledger.topup(org, M, 1, f"buy-{n}")
+        who = Subject(org)
+        first = await ledger.reserve(who, [Charge(M, 10)], idempotency_key=f"{org}-a",
+                                     ttl_seconds=600)
+        for i, amount in enumerate((50, 40, 1)):  # monthly all held, then the top-up
+            r = await ledger.reserve(who, [Charge(M, amount)], idempotency_key=f"{org}-{i}",
+                                     ttl_seconds=60)
+            assert r.decision is Decision.GRANTED
+        await ledger.commit(first.reservation_id, [Charge(M, 30)])  # 20 past: debt
+        assert (await ledger.get_balance(who, [M]))[0].debt == 20
+    clock.advance(61_000)
+    await ledger.sweep_all()
+    for n in range(12):
+        b = (await ledger.get_balance(Subject(f"o{n}"), [M]))[0]
+        assert (b.debt, b.monthly_used, b.topup_remaining) == (0, 30, 1), n

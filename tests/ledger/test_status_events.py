@@ -174,14 +174,12 @@ async def test_enabling_an_assistant_whose_wallet_is_dry_keeps_it_inactive(
     assert len(await status(ledger, redis, "e")) == 3
     await ledger.topup("e", M, 10, "buy")
     assert (await status(ledger, redis, "e"))[3:] == [("reactivated", "a", "")]
-    # a new assistant on a dry wallet has drawn on nothing yet: its first call finds it
-    # dry, and that is when it is told
+    # a new assistant has drawn on nothing yet: every meter the org was given is looked
+    # at, and on a dry wallet it is inactive from the start
     await ledger.adjust("e", M, -10, "take back", idempotency_key="a1")
-    seen = len(await status(ledger, redis, "e"))
     await ledger.upsert_assistant("e", "late")
-    assert len(await status(ledger, redis, "e")) == seen
-    assert not (await ledger.check(bot("e", "late"))).active
     assert (await status(ledger, redis, "e"))[-1] == ("deactivated", "late", "exhausted")
+    assert not (await ledger.check(bot("e", "late"))).active
 
 
 async def test_enabling_after_a_refill_while_disabled_reactivates_once(
@@ -373,3 +371,54 @@ async def test_a_lower_overage_cap_or_allocation_tells_the_assistants_at_once(
     await spend(ledger, bot("al", "r"), 60, 60, "half")
     await ledger.set_allocation_template("al", M, "custom", custom={"red": 50})
     assert await status(ledger, redis, "al") == [("deactivated", "r", "exhausted")]
+
+
+async def test_checks_and_refusals_are_not_draws(ledger: Ledger, redis: Any) -> None:
+    """Only a granted Reserve marks an assistant as drawing on a meter: a chatbot that
+    only asked (Check), or was refused, is not told when the call seconds run out."""
+    await ledger.upsert_plan("cp", [Allowance(M, 1_000), Allowance(CALL, 60)])
+    await ledger.upsert_org("cs", "cp")
+    for a in ("voice", "chat", "off"):
+        await ledger.upsert_assistant("cs", a)
+        await draws(ledger, "cs", a)  # message tokens
+    assert (await ledger.check(bot("cs", "chat"), CALL)).active  # asked, holds nothing
+    await ledger.upsert_assistant("cs", "off", enabled=False)
+    r = await ledger.reserve(bot("cs", "off"), [Charge(CALL, 5)], idempotency_key="off")
+    assert r.decision is Decision.DENIED
+    r = await ledger.reserve(bot("cs", "voice"), [Charge(CALL, 60)], idempotency_key="call")
+    await ledger.commit(r.reservation_id)
+    assert [e for e in await status(ledger, redis, "cs") if e[2] == "exhausted"] == [
+        ("deactivated", "voice", "exhausted")]
+
+
+async def test_an_org_with_many_assistants_runs_dry_in_one_step(ledger: Ledger,
+                                                                redis: Any) -> None:
+    """9,000 assistants: the look-up of who draws on the wallet is read in parts (Lua's
+    unpack has a limit), and the Commit that empties the wallet completes, once."""
+    await org_with(ledger, "big", 1_000, "a")
+    cfg = ledger.keys.cfg("big")
+    pipe = redis.pipeline(transaction=False)
+    for i in range(9_000):
+        pipe.hset(cfg, mapping={f"as:x{i}": "1", f"at:x{i}": ""})
+    await pipe.execute()
+    r = await ledger.reserve(bot("big", "a"), [Charge(M, 500)], idempotency_key="k")
+    c = await ledger.commit(r.reservation_id, [Charge(M, 1_000)])
+    assert c.state.name == "COMMITTED"
+    again = await ledger.commit(r.reservation_id, [Charge(M, 1_000)])
+    assert again.state.name == "COMMITTED"
+    b = (await ledger.get_balance(Subject("big"), [M]))[0]
+    assert b.used == 1_000
+    assert ("deactivated", "a", "exhausted") in await status(ledger, redis, "big")
+
+
+async def test_extending_on_a_meter_that_does_not_deactivate_is_a_plain_denial(
+        ledger: Ledger, redis: Any) -> None:
+    T = "transcription_seconds"
+    await ledger.upsert_plan("tp", [Allowance(M, 1_000), Allowance(T, 60)])
+    await ledger.upsert_org("tx", "tp")
+    await ledger.upsert_assistant("tx", "v")
+    r = await ledger.reserve(bot("tx", "v"), [Charge(T, 60)], idempotency_key="t")
+    e = await ledger.extend(r.reservation_id, [Charge(T, 10)])
+    assert (e.decision, e.reason, e.silent) == (Decision.DENIED,
+                                                DenyReason.INSUFFICIENT_BALANCE, False)
+    assert await status(ledger, redis, "tx") == []

@@ -131,6 +131,11 @@ class Keys:
         """Set: org ids on a plan, so a changed plan reaches each of its orgs."""
         return f"{self.ns}:planorgs:{escape(name)}"
 
+    def seeding(self) -> str:
+        """Set of the catalog seed's orgs being created: an org stays in it until all its
+        teams, seats, assistants and top-ups are, so an interrupted seed is finished."""
+        return f"{self.ns}:seeding"
+
     def sweeper(self) -> str:
         """String with a TTL: the sweeper lease. Whichever process of the fleet sets it
         first sweeps every shard for that interval; the others skip their tick."""

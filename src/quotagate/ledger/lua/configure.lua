@@ -307,9 +307,8 @@ if op == 'assistant' then
   local created = redis.call('HSET', cfg, 'as:' .. ae, enabled, 'at:' .. ae, te)
   local switched = was and was ~= enabled
   -- Enabled where its wallet has run dry, it stays inactive, as Reserve answers: each
-  -- meter it was deactivated on or has drawn on (a meter that deactivates assistants)
-  -- is looked at with its (new) team; dry, it is (still) listed inactive, else it
-  -- leaves the list.
+  -- meter (one that deactivates assistants) it was deactivated on or draws on is looked
+  -- at with its (new) team; dry, it is (still) listed inactive, else it leaves the list.
   local dry_meter, told = nil, false
   if enabled == '1' then
     local flat = redis.call('HGETALL', cfg)
@@ -319,13 +318,22 @@ if op == 'assistant' then
       if m and not QUIET[m] then meters[#meters + 1] = m end
     end
     table.sort(meters)
+    -- the meters it draws on (a Reserve of it granted before); none marked (new, or from
+    -- an earlier build, before the marks): every meter the org was ever given anything on
+    local drawn, any = {}, false
+    for _, meter in ipairs(meters) do
+      drawn[meter] = redis.call('HEXISTS', bal_key(meter), 'u:' .. ae) == 1
+      any = any or drawn[meter]
+    end
     for _, meter in ipairs(meters) do
       local bal = bal_key(meter)
       local ia = bal .. '|ia'
       local w = wallet_unpack(redis.call('HGET', bal, 'w'))
       local listed = redis.call('HEXISTS', ia, ae) == 1
-      -- only the meters it draws on (has reserved before), or was listed inactive on
-      local given = listed or redis.call('HEXISTS', bal, 'u:' .. ae) == 1
+      local given = listed or drawn[meter]
+      if w and not any and not given then
+        for i = 2, NWF do given = given or w[i] ~= 0 end
+      end
       if w and given then
         -- a wallet's period is 0 only for a gauge meter (never reset)
         local ctx = ctx_for(meter, (w[1] == 0) and 'g' or 'c', te)

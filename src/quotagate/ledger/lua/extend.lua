@@ -55,7 +55,7 @@ for i, a in pairs(extra) do
   local ws = chain_load(ctx)
   ctxs[i], wss[i] = ctx, ws
   local avail = chain_available(ctx, ws)
-  if h.ae ~= '' and avail <= 0 then return deny('inactive', true) end
+  if h.ae ~= '' and avail <= 0 and not QUIET[h.m[i]] then return deny('inactive', true) end
   local room = seat_room(ws, h.se, seat_limit(h.cfg, h.se, h.m[i], ctx))
   if room >= 0 and room < a and room < avail then return deny('seat', false) end
   if avail < a then

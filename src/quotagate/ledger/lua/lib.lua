@@ -357,7 +357,8 @@ local function chain_load(ctx)
   ow.extra = {d = v[nw + 1], ev = v[nw + 2], atu = v[nw + 3], iac = v[nw + 4]}
   -- the debt as stored (chain_save writes it when it moved)
   ow.d0 = N(v[nw + 1])
-  ctx.d = settle_debt(ow, ow.d0)
+  -- (ctx.settle_later: see sweep_shard)
+  ctx.d = ctx.settle_later and ow.d0 or settle_debt(ow, ow.d0)
   ctx.org = ow
   -- Where the org allocates this meter to teams, a team's allocation is its budget: its
   -- members do not fall through to the org's monthly or top-up pool (overage they may use).
@@ -806,9 +807,11 @@ local function seat_settle(ws, h, i, charged)
 end
 
 -- Release every take of a HELD hold (Refund before Commit, or expiry).
-local function hold_release_all(h, key, now, state, ledger, maxlen, retain_ms, kind)
+local function hold_release_all(h, key, now, state, ledger, maxlen, retain_ms, kind,
+    settle_later)
   for i = 1, h.n do
     local ctx = hold_ctx(h, i, now, maxlen)
+    ctx.settle_later = settle_later
     local ws = chain_load(ctx)
     local takes = takes_decode(h.t[i])
     for j = 1, #takes do release_take(ws, takes[j], takes[j][3]) end
@@ -825,11 +828,16 @@ end
 -- Expire up to `limit` holds of the shard whose TTL has passed. Returns how many.
 local function sweep_shard(pre, now, limit, ledger, maxlen, retain_ms)
   local due = redis.call('ZRANGEBYSCORE', pre .. 'exp', '-inf', I(now), 'LIMIT', 0, limit)
+  -- The batch comes back as one refill: debt waits for the next call, which settles it
+  -- from all of it in burn order (monthly before top-up). Settled between releases,
+  -- which hold of the batch happened to come first would decide whether top-up tokens
+  -- pay it while monthly ones were on their way back.
+  local later = #due > 1
   for k = 1, #due do
     local key = pre .. 'h:' .. due[k]
     local h = hold_read(key)
     if h and h.st == 'H' then
-      hold_release_all(h, key, now, 'E', ledger, maxlen, retain_ms, 'expire')
+      hold_release_all(h, key, now, 'E', ledger, maxlen, retain_ms, 'expire', later)
     else
       redis.call('ZREM', pre .. 'exp', due[k])
     end
@@ -1045,15 +1053,17 @@ local function deactivate_dry(ctx, now)
     if v == '1' and string.sub(f, 1, 3) == 'as:' then ids[#ids + 1] = string.sub(f, 4) end
   end
   table.sort(ids)
-  -- only those that have drawn on this meter: a chatbot does not draw on call seconds
-  if #ids > 0 then
+  -- Only those that have drawn on this meter (a Reserve granted): a chatbot does not
+  -- draw on call seconds. Read 500 at a time (Lua's unpack has a limit). Where none has
+  -- a mark yet (a wallet of an earlier build's, before the marks), every one is looked at.
+  local keep = {}
+  for b = 1, #ids, 500 do
     local names = {}
-    for i = 1, #ids do names[i] = 'u:' .. ids[i] end
+    for i = b, math.min(#ids, b + 499) do names[#names + 1] = 'u:' .. ids[i] end
     local used = redis.call('HMGET', ctx.bal, unpack(names))
-    local keep = {}
-    for i = 1, #ids do if used[i] then keep[#keep + 1] = ids[i] end end
-    ids = keep
+    for j = 1, #names do if used[j] then keep[#keep + 1] = ids[b + j - 1] end end
   end
+  if #keep > 0 then ids = keep end
   local dry = {}
   for i = 1, #ids do
     local ae = ids[i]
@@ -1089,8 +1099,9 @@ local function overage_events(ctx, now)
   end
   -- The period's overage must be closed (and billed) when it ends, even if nobody
   -- touches the org then: the sweeper closes what the index 'ovc' says is due. Written
-  -- at the period's first overage and whenever billing starts again from 0 (so an org
-  -- already in overage when this build arrived is indexed too), not at every call.
+  -- at the period's first overage and whenever billing starts again from 0 (after each
+  -- overage.threshold_reached: so an org already in overage when this build arrived is
+  -- indexed too, unless it bills only at the period's end), not at every call.
   local first = ctx.ovfirst
   ctx.ovfirst = false
   local billed = ctx.billed or 0

@@ -38,7 +38,7 @@ local function contexts(v, ks, anchor, seats, lowpct)
   for i = 1, n do
     local c = charges[i]
     local ctx = {cfg = cfg, bal = c.bal, te = te, se = se, meter = c.meter, kind = c.kind,
-      maxlen = maxlen, ae = (ae ~= '') and ae or nil}
+      maxlen = maxlen, ae = (mode == 'R' and ae ~= '') and ae or nil}
     if c.kind == 'g' then
       ctx.pid, ctx.pstart, ctx.pend = 0, 0, 0
     else
@@ -70,7 +70,10 @@ end
 local function deny(reason, silent, ctxs, wss)
   local out = {'OK', 'D', reason, silent and 1 or 0, '', 0, 0, 0}
   if not ctxs then out[9] = 0; return out end
-  for i = 1, n do chain_save(ctxs[i], wss[i]); after_change(ctxs[i], now, false) end
+  for i = 1, n do
+    ctxs[i].new_user = false  -- a refused call marks nothing: only a grant is a draw
+    chain_save(ctxs[i], wss[i]); after_change(ctxs[i], now, false)
+  end
   return views(ctxs, wss, out)
 end
 
