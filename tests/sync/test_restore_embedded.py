@@ -32,10 +32,14 @@ def _restore(data_dir: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def _drain(log: Any) -> None:
+#: each serve's log lines, kept for the message of a failed stop
+LOGS: dict[int, list[str]] = {}
+
+
+def _drain(log: Any, lines: list[str]) -> None:
     """Keep reading the server's log so it never blocks on a full pipe; closed at EOF."""
     with log:
-        log.read()
+        lines.extend(log)
 
 
 def _serve(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
@@ -51,7 +55,9 @@ def _serve(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
         line = proc.stderr.readline()
         m = re.search(r"serving on [\d.]+:(\d+)", line)
         if m:
-            threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
+            LOGS[proc.pid] = []
+            threading.Thread(target=_drain, args=(proc.stderr, LOGS[proc.pid]),
+                             daemon=True).start()
             return proc, int(m.group(1))
         if not line and proc.poll() is not None:
             break
@@ -63,7 +69,14 @@ def _serve(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
 
 def _stop(proc: subprocess.Popen[str]) -> None:
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
+    try:
+        code = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("serve did not stop within 60 s of SIGTERM; its log ends:\n"
+                             + "".join(LOGS.get(proc.pid, [])[-30:])) from None
+    assert code == 0, "".join(LOGS.get(proc.pid, [])[-30:])
 
 
 SUBJECTS = (common_pb2.Subject(org_id="acme"),
@@ -131,6 +144,7 @@ def test_restore_rebuilds_the_embedded_redis_from_sqlite(tmp_path: Path) -> None
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     shutil.rmtree(data / "redis")  # the embedded Redis lost everything (AOF and all)
 
     done = _restore(data)
@@ -158,6 +172,7 @@ def test_restore_rebuilds_the_embedded_redis_from_sqlite(tmp_path: Path) -> None
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
 
 
 def test_restore_without_sqlite_refuses_and_a_stale_pidfile_does_not_block(
@@ -191,6 +206,7 @@ def test_restore_after_a_killed_serve_stops_the_redis_it_left(tmp_path: Path) ->
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     done = _restore(data)
     assert done.returncode == 0, done.stderr
     for _ in range(100):
@@ -209,3 +225,4 @@ def test_restore_after_a_killed_serve_stops_the_redis_it_left(tmp_path: Path) ->
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
