@@ -5,6 +5,7 @@ is charged, and no more granted than the wallet holds under concurrency."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
@@ -75,12 +76,21 @@ async def test_the_usage_is_recorded_like_a_commit(rls: Any, server: Grpc) -> No
     # the action's price (50 message tokens) per hit, charged to the seat's chain
     assert (await api.balance(sub(seat="ann"))).used == 100
     assert (await api.balance()).used == 100
-    entries = await server.app.ledger.redis.xrange(  # type: ignore[union-attr]
-        server.app.ledger.keys.ledger(server.app.ledger.keys.shard_of("acme")))  # type: ignore[union-attr]
-    kinds = [f[b"p"].split(b"\n")[0] for _, f in entries if b"p" in f]
-    assert kinds == [b"reserve", b"commit"]
-    commit = entries[-1][1][b"p"].split(b"\n")
-    assert commit[4] == b"ann" and commit[7] == b"100" and commit[10] == b"ai_sequence"
+    # in the durable ledger (the in-process syncer copies the stream to SQLite, and
+    # deletes what it copied: read it where it ends up)
+    import sqlite3
+
+    db = server.app.settings.data_dir / "quotagate.db"
+    rows: list[tuple[str, str, int, str]] = []
+    for _ in range(200):
+        with contextlib.closing(sqlite3.connect(db)) as c:
+            rows = c.execute("SELECT type, seat, amount, action FROM ledger_entries "
+                             "WHERE org = 'acme' AND type IN ('reserve', 'commit') "
+                             "ORDER BY at_ms, stream_id").fetchall()
+        if len(rows) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert rows == [("reserve", "ann", 100, "ai_sequence"), ("commit", "ann", 100, "ai_sequence")]
 
 
 async def test_over_limit_changes_nothing(rls: Any) -> None:
