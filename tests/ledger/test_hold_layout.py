@@ -176,7 +176,8 @@ def test_entries_of_every_form_make_the_same_row() -> None:
     the same row for the syncer."""
     one = {"type": "commit", "rid": "r1.ab", "org": "o%20x", "team": "", "seat": "s",
            "assistant": "", "meter": M, "amount": "70", "takes": "Om:5:70", "late": "",
-           "action": "", "feature": "chat", "labels": '{"a":"b\\nc"}', "at": "1700000000000"}
+           "action": "", "feature": "chat", "labels": '{"a":"b\\nc"}', "at": "1700000000000",
+           "anchor": "15"}
     assert tuple(one) == SPEND_FIELDS
     values = {b"p": "\n".join(one.values()).encode()}
     packed = {b"e": "\n".join(x for kv in one.items() for x in kv).encode()}
@@ -186,3 +187,8 @@ def test_entries_of_every_form_make_the_same_row() -> None:
     row = entry_of(3, b"1-0", packed)
     assert (row.org, row.seat, row.team, row.amount, row.feature) == ("o x", "s", "", 70,
                                                                       "chat")
+    assert row.anchor == 15
+    # the builds before the anchor day was written: fourteen values, the anchor unknown
+    older = entry_of(3, b"1-0", {b"p": "\n".join(list(one.values())[:-1]).encode()})
+    assert (older.org, older.amount, older.at_ms, older.anchor) == ("o x", 70,
+                                                                    1700000000000, 0)

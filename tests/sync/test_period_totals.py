@@ -356,28 +356,71 @@ def _periods(sink_url: str) -> dict[str, str]:
     return dict(rows)
 
 
+SPEND = ("reserve", "commit")
+
+
+async def _spend_unsynced(redis: Any, ledger: Ledger, key: str) -> list[sk.Entry]:
+    """A Reserve+Commit of 5 tokens, and its ledger entries taken out of Redis (what the
+    syncer would do), not written to SQL yet."""
+    res = await ledger.reserve(Subject(ORG), [Charge("message_tokens", 5)],
+                               idempotency_key=key)
+    await ledger.commit(res.reservation_id)
+    entries = await _stream(redis, ledger)
+    for shard in range(ledger.keys.shards):
+        await redis.delete(ledger.keys.ledger(shard))
+    return entries
+
+
+def _as_older_build(e: sk.Entry) -> sk.Entry:
+    """The entry as builds before the anchor day was in spend entries wrote it."""
+    if e.type not in SPEND:
+        return e
+    f = json.loads(e.raw)
+    values = [f.get(name, "") for name in sk.SPEND_FIELDS[:-1]]
+    return sk.entry_of(e.shard, e.stream_id, {"p": "\n".join(values)})
+
+
 async def test_anchor_from_stored_configuration_else_month_label(
         redis: Any, ledger: Ledger, clock: ManualClock, sink: sk.Sink, sink_url: str) -> None:
-    """A batch without the org's configuration (no snapshot of it) takes the anchor day
-    from the last one stored; with none stored at all, the period's month is the label."""
+    """Entries without their anchor day (written by older builds) in a batch without the
+    org's configuration (no snapshot of it) take the anchor day from the last one stored;
+    with none stored at all, the period's month is the label."""
     await _setup(ledger)
     clock.advance(ms(2026, 11, 12) - clock.now_ms())
-
-    async def spend(key: str) -> list[sk.Entry]:
-        res = await ledger.reserve(Subject(ORG), [Charge("message_tokens", 5)],
-                                   idempotency_key=key)
-        await ledger.commit(res.reservation_id)
-        entries = await _stream(redis, ledger)
-        for shard in range(ledger.keys.shards):
-            await redis.delete(ledger.keys.ledger(shard))
-        return entries
-
-    assert await sink.write(await spend("a"), []) > 0
+    entries = await _spend_unsynced(redis, ledger, "a")
+    assert {e.anchor for e in entries if e.type in SPEND} == {15}
+    assert await sink.write([_as_older_build(e) for e in entries], []) > 0
     assert _periods(sink_url) == {"reserve": "2026-10", "commit": "2026-10"}
     with _connect(sink_url) as db:
         db.execute("DELETE FROM ledger_entries")
     cfg = await redis.hgetall(ledger.keys.cfg(ORG))
     await sink.write([], [sk.Snapshot(ledger.keys.cfg(ORG), ORG, "cfg",
                                       {k.decode(): v.decode() for k, v in cfg.items()}, 1)])
-    assert await sink.write(await spend("b"), []) > 0
+    entries = await _spend_unsynced(redis, ledger, "b")
+    assert await sink.write([_as_older_build(e) for e in entries], []) > 0
     assert _periods(sink_url) == {"reserve": OCT, "commit": OCT}
+
+
+async def test_anchor_change_keeps_pending_entries_period(
+        redis: Any, ledger: Ledger, clock: ManualClock, sink: sk.Sink, sink_url: str) -> None:
+    """Spend entries carry the anchor day they were written with: an org whose anchor day
+    changes while its entries wait for SQL (an SQL outage) still gets them in the period
+    they were charged in, not one relabelled with the new day; with no configuration
+    stored at all as well."""
+    await _setup(ledger)
+    clock.advance(ms(2026, 11, 12) - clock.now_ms())
+    entries = await _spend_unsynced(redis, ledger, "a")  # period 2026-10-15 .. 11-15
+    await ledger.upsert_org(ORG, "p15", period_anchor_day=1)
+    cfg = await redis.hgetall(ledger.keys.cfg(ORG))
+    assert cfg[b"anchor"] == b"1"
+    snap = sk.Snapshot(ledger.keys.cfg(ORG), ORG, "cfg",
+                       {k.decode(): v.decode() for k, v in cfg.items()}, 1)
+    assert await sink.write(entries, [snap]) > 0
+    assert _periods(sink_url) == {"reserve": OCT, "commit": OCT}
+    # what is spent after the change is labelled with the new day
+    with _connect(sink_url) as db:
+        db.execute("DELETE FROM ledger_entries")
+    entries = await _spend_unsynced(redis, ledger, "b")
+    assert {e.anchor for e in entries if e.type in SPEND} == {1}
+    assert await sink.write(entries, []) > 0
+    assert _periods(sink_url) == {"reserve": "2026-11-01", "commit": "2026-11-01"}

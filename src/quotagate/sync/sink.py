@@ -55,6 +55,7 @@ class Entry:
     raw: str
     pid: int = 0      # the billing period id the entry names (its takes, `period`); 0 none
     period: str = ""  # the billing period it is attributed to (with_periods)
+    anchor: int = 0   # the org's anchor day when it was written (spend entries); 0 unknown
 
     def row(self) -> tuple[object, ...]:
         return (self.entry_id, self.shard, self.stream_id, self.type, self.rid, self.org,
@@ -195,7 +196,7 @@ def day_of(ms: int) -> str:
 
 #: the values of a spend-path entry's field `p`, in order (lib.lua's spend_entry)
 SPEND_FIELDS = ("type", "rid", "org", "team", "seat", "assistant", "meter", "amount", "takes",
-                "late", "action", "feature", "labels", "at")
+                "late", "action", "feature", "labels", "at", "anchor")
 
 
 def entry_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
@@ -235,7 +236,8 @@ def entry_of(shard: int, stream_id: bytes | str,
     return Entry(f"{shard}-{sid}", shard, sid, kind, f.get("rid", ""), ids["org"], ids["team"],
                  ids["seat"], ids["assistant"], ids["meter"], ids["action"], ids["feature"],
                  amount, amount * _NET.get(kind, 0), at, day_of(at),
-                 json.dumps(f, sort_keys=True, ensure_ascii=False), named_period(f))
+                 json.dumps(f, sort_keys=True, ensure_ascii=False), named_period(f),
+                 anchor=anchor_of(f) if f.get("anchor") else 0)
 
 
 # -- billing periods ----------------------------------------------------------------------
@@ -299,11 +301,13 @@ def with_periods(entries: Sequence[Entry], anchors: Mapping[str, int],
     one holding its time for the org's anchor day; a refund: the period of the commit it
     gives back (`commits`, (rid, meter) -> period of the stored commits, else a commit
     earlier in `entries`), else its own time's. `anchors`: org -> anchor day (the org's
-    configuration when synced); an org without one gets "YYYY-MM" labels."""
+    configuration when synced), for entries that do not carry the anchor day they were
+    written with (spend entries do: the anchor may change while they wait for SQL); an org
+    without one gets "YYYY-MM" labels."""
     seen = dict(commits)
     out = []
     for e in entries:
-        anchor = anchors.get(e.org)
+        anchor = e.anchor or anchors.get(e.org)
         label = seen.get((e.rid, e.meter)) if e.type == "refund" else None
         if label is None:
             pid = e.pid or period_at(e.at_ms, anchor or 1)

@@ -104,7 +104,7 @@ for i = 1, h.n do
   fields[#fields + 1] = hf('c', i); fields[#fields + 1] = I(a)
   fields[#fields + 1] = hf('x', i); fields[#fields + 1] = x
   spend_entry(ledger, maxlen, 'commit', h, h.m[i], a, x, late and '1' or '',
-    (labels ~= '' and labels) or h.lbl, now)
+    (labels ~= '' and labels) or h.lbl, now, ctx.anchor)
 end
 redis.call('HSET', key, unpack(fields))
 -- A committed gauge charge (stored bytes) is given back by a Refund when the file is

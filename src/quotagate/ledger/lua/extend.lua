@@ -82,7 +82,7 @@ for i = 1, h.n do
     fields[#fields + 1] = hf('g', i); fields[#fields + 1] = I(N(h.g[i]) + a)
     granted[#granted + 1] = h.m[i]; granted[#granted + 1] = a
     spend_entry(h.pre .. 'ledger', maxlen, 'extend', h, h.m[i], a, takes_encode(takes), '',
-      h.lbl, now)
+      h.lbl, now, ctx.anchor)
   end
 end
 redis.call('HSET', key, unpack(fields))

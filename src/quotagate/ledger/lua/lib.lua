@@ -318,6 +318,7 @@ local function chain_load(ctx)
     local k = meter_fields(names, ctx.meter, te, se)
     local c = redis.call('HMGET', ctx.cfg, unpack(names))
     meter_cfg(ctx, c, k, N(c[1]), c[2])
+    ctx.anchor = c[3]
     if ctx.pid == nil then
       if ctx.kind == 'g' then
         ctx.pid, ctx.pstart, ctx.pend = 0, 0, 0
@@ -714,8 +715,8 @@ local function ledger_add(stream, maxlen, fields)
 end
 
 -- The spend path's entries (reserve, commit, release, expire, extend) are one field, 'p':
--- their fourteen values in a fixed order (sink.SPEND_FIELDS: type, rid, org, team, seat,
--- assistant, meter, amount, takes, late, action, feature, labels, at), joined by
+-- their fifteen values in a fixed order (sink.SPEND_FIELDS: type, rid, org, team, seat,
+-- assistant, meter, amount, takes, late, action, feature, labels, at, anchor), joined by
 -- newlines, built by one table.concat. Values are escaped ids, digits, takes and labels
 -- JSON (written by the server with every control character escaped), none of which can
 -- hold a newline. One field instead of up to fourteen is that much less work for XADD,
@@ -725,9 +726,10 @@ end
 -- (sink.entry_fields) reads every form. Empty values are kept (the syncer drops them).
 -- h: the hold, or a table with the same fields (rid, o, te, se, ae, act, feat). Numbers
 -- as I() strings (table.concat would write large ones with an exponent).
-local function spend_entry(stream, maxlen, kind, h, meter, amount, takes, late, labels, now)
+local function spend_entry(stream, maxlen, kind, h, meter, amount, takes, late, labels, now,
+    anchor)
   local e = table.concat({kind, h.rid, h.o, h.te, h.se, h.ae, meter, I(amount), takes, late,
-    h.act, h.feat, labels, I(now)}, '\n')
+    h.act, h.feat, labels, I(now), anchor or ''}, '\n')
   if maxlen > 0 then
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'p', e)
   else
@@ -818,7 +820,7 @@ local function hold_release_all(h, key, now, state, ledger, maxlen, retain_ms, k
     seat_settle(ws, h, i, 0)
     chain_save(ctx, ws)
     after_change(ctx, now, true)
-    spend_entry(ledger, maxlen, kind, h, h.m[i], h.g[i], h.t[i], '', h.lbl, now)
+    spend_entry(ledger, maxlen, kind, h, h.m[i], h.g[i], h.t[i], '', h.lbl, now, ctx.anchor)
   end
   redis.call('HSET', key, 'st', state, 'done', I(now))
   redis.call('PEXPIRE', key, retain_ms)

@@ -266,7 +266,8 @@ for i = 1, n do
   fields[nf + 7] = hf('t', i); fields[nf + 8] = t
   fields[nf + 9] = hf('hp', i); fields[nf + 10] = I(ctxs[i].pid)
   granted[#granted + 1] = charges[i].meter; granted[#granted + 1] = grants[i]
-  spend_entry(ledger, maxlen, 'reserve', who, charges[i].meter, grants[i], t, '', labels, now)
+  spend_entry(ledger, maxlen, 'reserve', who, charges[i].meter, grants[i], t, '', labels, now,
+    o[1])
 end
 redis.call('HSET', hold_key, unpack(fields))
 redis.call('ZADD', exp_key, I(expires), rid)
