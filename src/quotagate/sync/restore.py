@@ -11,14 +11,25 @@ Every snapshot is merged into what Redis holds now, field by field:
   otherwise the monotonic counters `mu`, `tu` and `cu` and the grant `mg` keep the larger
   of the two, `tb` (top-up left) the smaller, and every other counter takes SQL's value.
   Of the org's other fields, `d` (debt) and `evseq` keep the larger, `iac` (a count of
-  another key's entries) is never restored, the rest take SQL's value; fields only Redis
+  another key's entries) is never restored, `oub`, `ev` and `atu` (the state of the org
+  wallet's period: unbilled overage, wallet events, auto top-up) stay Redis's when its
+  org wallet is in a newer period than SQL's, the rest take SQL's value; fields only Redis
   has stay. A snapshot taken by an earlier build, which kept one
   field per counter, is packed first;
 - org configuration (`cfg`), purchases (`pur`), plans (`plan`) and holds (`hold`): the
   union — fields Redis lacks come from SQL, fields Redis has stay (they are newer);
 - a restored hold still `H` (held) is re-added to its shard's expiry set with score `exp`,
   so the sweeper releases it when due; a resolved hold that Redis had lost gets the
-  normal retention TTL again; an org with a plan is re-added to the plan's org set.
+  normal retention TTL again; an org with a plan is re-added to the plan's org set;
+- a balance hash of a counter meter whose merged state has overage to close in its
+  period (org wallet `ou` > 0 or unbilled `oub` > 0: what makes lib.lua's roll emit
+  `overage.period_closed`) is re-added to its shard's overage index `ovc`
+  (`<org>|<meter>` -> the end of that period, ms, from the org's anchor day), so the
+  sweeper closes and bills the period when it ends even if nobody touches the org. An
+  entry Redis has already keeps the later of the two ends (ZADD GT, as lib.lua's plain
+  ZADD, which only ever moves an entry to a later period): an earlier one is an entry
+  lib.lua leaves behind after a touch closed that period, and the sweeper would drop it
+  without closing the period the hash is in.
 
 Nothing else is replayed: idempotency keys of Reserve are not restored (a retry of a
 Reserve made before the loss makes a new hold), nor events.
@@ -27,6 +38,7 @@ Reserve made before the loss makes a new hold), nor events.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 from collections.abc import Mapping
@@ -36,9 +48,9 @@ from typing import Any
 
 from quotagate.embedded import EmbeddedRedis
 from quotagate.ledger import wallet
-from quotagate.ledger.keys import Keys, unescape
+from quotagate.ledger.keys import Keys, bal_key, escape, unescape
 from quotagate.ledger.store import LedgerOptions
-from quotagate.sync.sink import Sink, Snapshot
+from quotagate.sync.sink import DAY_MS, Sink, Snapshot, anchor_of
 
 log = logging.getLogger("quotagate.restore")
 
@@ -51,7 +63,13 @@ MONOTONIC = frozenset({"d", "evseq"})
 #: assistants in `<bal>|ia`, which snapshots do not copy): never restored, the scripts
 #: count again where the field is absent
 DERIVED = frozenset({"iac"})
+#: fields of a balance hash that belong to the org wallet's period (lib.lua: the unbilled
+#: overage of the period, wallet events' and auto top-up's state, which name their period)
+ORG_PERIOD = frozenset({"oub", "ev", "atu"})
 CHUNK = 500
+#: the shard's index of overage periods to close (lib.lua's overage_events, close_periods)
+OVC = "ovc"
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
 @dataclass
@@ -59,6 +77,7 @@ class RestoreCounts:
     keys: int = 0     # hashes written (at least one field)
     fields: int = 0   # fields written
     holds: int = 0    # holds re-armed in an expiry set
+    overage: int = 0  # balances re-added to their shard's overage index (`ovc`)
 
 
 def _int(v: str | None) -> int:
@@ -114,10 +133,18 @@ def packed(h: Mapping[str, str]) -> dict[str, str]:
 def merge_balance(redis_h: Mapping[str, str], sql_h: Mapping[str, str]) -> dict[str, str]:
     """Fields to write into a balance hash (see the module doc)."""
     out: dict[str, str] = {}
-    for f, sv in packed(sql_h).items():
+    sql_p = packed(sql_h)
+    rw, sw = _wallet(redis_h.get("w", "")), _wallet(sql_p.get("w", ""))
+    # Redis's org wallet is in a newer period than SQL's: the org's state of that period
+    # (what is unbilled of its overage, wallet events, auto top-up) is Redis's too. SQL's
+    # unbilled rest of an older period, which Redis closed and billed, would be billed again.
+    redis_period = rw is not None and sw is not None and rw["p"] > sw["p"]
+    for f, sv in sql_p.items():
         if f in DERIVED:
             continue
         rv = redis_h.get(f)
+        if redis_period and f in ORG_PERIOD and rv is not None:
+            continue
         if rv is None:
             out[f] = sv
         elif f == "w" or f.endswith(":w"):
@@ -127,6 +154,37 @@ def merge_balance(redis_h: Mapping[str, str], sql_h: Mapping[str, str]) -> dict[
         else:
             out[f] = sv
     return {f: v for f, v in out.items() if redis_h.get(f) != v}
+
+
+def period_end_ms(pid: int, anchor: int) -> int:
+    """The end (ms) of billing period `pid` (year * 12 + month - 1 of its start) of an org
+    anchored on day `anchor` (1-28): the anchor day of the next month, 00:00 UTC (lib.lua's
+    period_compute; sink.period_at is its inverse)."""
+    y, m = divmod(pid + 1, 12)
+    return (dt.date(y, m + 1, anchor).toordinal() - _EPOCH_ORDINAL) * DAY_MS
+
+
+def overage_period(h: Mapping[str, str]) -> int:
+    """The period whose overage a balance hash (text form) has yet to close, else 0: its
+    org wallet's period, when the wallet used overage in it (`ou`) or some is unbilled
+    (`oub`) — what makes lib.lua's overage_events emit overage.period_closed when the
+    wallet rolls. A gauge meter's wallet has period 0: never closed."""
+    w = _wallet(h.get("w", ""))
+    if w is None or w["p"] <= 0:
+        return 0
+    return w["p"] if w["ou"] > 0 or _int(h.get("oub")) > 0 else 0
+
+
+def overage_entry(keys: Keys, org: str, key: str) -> tuple[str, str] | None:
+    """(index key, member) of the overage index entry of balance hash `key` of `org`:
+    lib.lua's `<shard prefix>ovc` and `<escaped org>|<escaped meter>`; None when `key` is
+    not a balance hash of `org` in this deployment's layout."""
+    prefix, org_e = keys.org_prefix(org), escape(org)
+    head = bal_key(prefix, org_e, "")
+    meter_e = key[len(head):] if key.startswith(head) else ""
+    if not meter_e or ":" in meter_e:
+        return None
+    return prefix + OVC, f"{org_e}|{meter_e}"
 
 
 def merge_union(redis_h: Mapping[str, str], sql_h: Mapping[str, str]) -> dict[str, str]:
@@ -159,15 +217,37 @@ async def restore(redis: Any, keys: Keys, sink: Sink,
                   retain_ms: int = LedgerOptions().retain_ms) -> RestoreCounts:
     snaps = await sink.snapshots()
     counts = RestoreCounts()
+    overage: list[tuple[str, str, str, int]] = []
     for i in range(0, len(snaps), CHUNK):
-        await _restore_chunk(redis, keys, snaps[i:i + CHUNK], retain_ms, counts)
-    log.info("restored %d hashes (%d fields), re-armed %d holds",
-             counts.keys, counts.fields, counts.holds)
+        await _restore_chunk(redis, keys, snaps[i:i + CHUNK], retain_ms, counts, overage)
+    # after every chunk: an org's configuration (its anchor day) may come in any of them
+    for i in range(0, len(overage), CHUNK):
+        await _index_overage(redis, keys, overage[i:i + CHUNK])
+    counts.overage = len(overage)
+    log.info("restored %d hashes (%d fields), re-armed %d holds, re-indexed %d overage "
+             "periods", counts.keys, counts.fields, counts.holds, counts.overage)
     return counts
 
 
+async def _index_overage(redis: Any, keys: Keys,
+                         due: list[tuple[str, str, str, int]]) -> None:
+    """Re-add (org, index key, member, period) to the overage index, each scored with
+    its period's end for the org's anchor day as Redis now holds it (the configuration
+    is restored): what lib.lua reads when it indexes and when the sweeper closes."""
+    pipe = redis.pipeline(transaction=False)
+    for org, _, _, _ in due:
+        pipe.hget(keys.cfg(org), "anchor")
+    anchors = await pipe.execute()
+    pipe = redis.pipeline(transaction=False)
+    for (_, idx, member, pid), a in zip(due, anchors, strict=True):
+        anchor = anchor_of({} if a is None else {"anchor": _text(a)})
+        pipe.zadd(idx, {member: period_end_ms(pid, anchor)}, gt=True)
+    await pipe.execute()
+
+
 async def _restore_chunk(redis: Any, keys: Keys, snaps: list[Snapshot], retain_ms: int,
-                         counts: RestoreCounts) -> None:
+                         counts: RestoreCounts,
+                         overage: list[tuple[str, str, str, int]]) -> None:
     pipe = redis.pipeline(transaction=False)
     for s in snaps:
         pipe.hgetall(s.redis_key)
@@ -177,8 +257,17 @@ async def _restore_chunk(redis: Any, keys: Keys, snaps: list[Snapshot], retain_m
     pipe = redis.pipeline(transaction=False)
     for s, now in zip(snaps, current, strict=True):
         sql = dict(s.data)
-        write: Mapping[str, str | bytes] = balance_redis(merge_balance(now, sql)) \
-            if s.kind == "bal" else merge_union(now, sql)
+        write: Mapping[str, str | bytes]
+        if s.kind == "bal":
+            changed = merge_balance(now, sql)
+            write = balance_redis(changed)
+            # the hash as it is once written: is an overage period of it left to close?
+            pid = overage_period({**now, **changed})
+            entry = overage_entry(keys, s.org, s.redis_key) if pid else None
+            if entry is not None:
+                overage.append((s.org, *entry, pid))
+        else:
+            write = merge_union(now, sql)
         if write:
             pipe.hset(s.redis_key, mapping=write)
             counts.keys += 1
@@ -272,5 +361,5 @@ async def main(settings: Any) -> int:
             await embedded.stop()
     where = f" into the embedded Redis of {settings.data_dir}" if embedded else ""
     print(f"restored {c.keys} hashes ({c.fields} fields){where}; "
-          f"{c.holds} open holds re-armed")
+          f"{c.holds} open holds re-armed; {c.overage} overage periods re-indexed")
     return 0
