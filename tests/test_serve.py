@@ -189,6 +189,57 @@ def test_one_embedded_redis_per_data_dir(tmp_path: Path) -> None:
             first.wait(30)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_embedded_redis_killed_is_started_again_with_its_data(tmp_path: Path,
+                                                              workers: str) -> None:
+    """The embedded Redis dies under a running serve (the OOM killer, a crash): serve
+    starts it again from its AOF, on the same socket, and calls work again. A hold made
+    before (and fsynced: `everysec`) is still there and commits once."""
+    lines: list[str] = []
+    proc, port = start_serve(tmp_path, lines=lines, QUOTAGATE_WORKERS=workers)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            q = quota_pb2_grpc.QuotaServiceStub(ch)
+            reserve = quota_pb2.ReserveRequest(
+                subject=common_pb2.Subject(org_id="demo", seat_id="alice"),
+                charges=[common_pb2.Charge(meter="message_tokens", amount=1_500)],
+                idempotency_key="before-the-kill")
+            held = q.Reserve(reserve)
+            assert held.decision == common_pb2.DECISION_GRANTED
+            time.sleep(1.5)  # fsynced (appendfsync everysec)
+            (first,) = _redis_on(tmp_path)
+            os.kill(first, signal.SIGKILL)
+            deadline, answers = time.monotonic() + 60, []
+            while time.monotonic() < deadline:
+                try:
+                    again = q.Reserve(reserve, timeout=2)  # the same key: the same hold
+                    break
+                except grpc.RpcError as e:
+                    answers.append(e.code())
+                    time.sleep(0.2)
+            else:
+                raise AssertionError(f"no answer after the kill: {answers[-3:]}\n"
+                                     + "".join(lines[-30:]))
+            assert set(answers) <= {grpc.StatusCode.UNAVAILABLE}, answers
+            assert again.reservation_id == held.reservation_id
+            (second,) = _redis_on(tmp_path)
+            assert second != first
+            c = q.Commit(quota_pb2.CommitRequest(reservation_id=held.reservation_id))
+            assert c.state == common_pb2.HOLD_STATE_COMMITTED
+            b = q.GetBalance(quota_pb2.GetBalanceRequest(
+                subject=common_pb2.Subject(org_id="demo", seat_id="alice"),
+                meters=["message_tokens"]))
+            assert (b.balances[0].used, b.balances[0].reserved) == (1_500, 0)
+        assert any("starting it again" in ln for ln in lines), "".join(lines[-30:])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert _redis_on(tmp_path) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
 _SUBREAPER_SCENARIO = r"""
 import ctypes, os, re, signal, subprocess, sys, time
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER

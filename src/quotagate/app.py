@@ -46,6 +46,8 @@ log = logging.getLogger("quotagate")
 
 #: how often a running server checks that Redis still holds the catalog's plans
 CATALOG_CHECK_SECONDS = 1.0
+#: how often a serve looks whether its embedded Redis still runs
+EMBEDDED_POLL_S = 0.25
 
 
 class App:
@@ -55,6 +57,7 @@ class App:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.embedded: EmbeddedRedis | None = None
+        self._reviving: asyncio.Future[bool] | None = None
         self.redis: Any = None
         self.ledger: Ledger | None = None
         self.health: Health | None = None
@@ -145,6 +148,8 @@ class App:
                        asyncio.create_task(self._keep_catalog(cat, applied), name="catalog")]
         if keyring is not None and keyring.path is not None:
             self._tasks.append(asyncio.create_task(self._watch_keys(keyring), name="keys"))
+        if self.embedded is not None:
+            self._tasks.append(asyncio.create_task(self._keep_embedded(), name="embedded"))
         await self._start_sync(cat)
         if notify is not None and notify.urls:
             self.notifier = Notifier(self.redis, self.ledger.keys, notify)
@@ -265,6 +270,16 @@ class App:
             await asyncio.sleep(auth.KEYS_POLL_SECONDS)
             keyring.reload_if_changed()
 
+    async def _keep_embedded(self) -> None:
+        """The embedded Redis started again should it die (EmbeddedRedis.revive), in a
+        thread: loading its AOF takes a while, and health keeps answering meanwhile."""
+        assert self.embedded is not None
+        while True:
+            await asyncio.sleep(EMBEDDED_POLL_S)
+            if not self.embedded.alive() and not self._stopped.is_set():
+                self._reviving = asyncio.ensure_future(asyncio.to_thread(self.embedded.revive))
+                await asyncio.shield(self._reviving)
+
     async def _sweeper(self) -> None:
         assert self.ledger is not None
         # One sweep per interval for the whole fleet (Ledger.sweep_due), not one per process.
@@ -305,6 +320,9 @@ class App:
         if self.redis is not None:
             await self.redis.aclose()
         if self.embedded:
+            if self._reviving is not None:  # a restart under way ends before the stop
+                with contextlib.suppress(Exception):
+                    await self._reviving
             await self.embedded.stop()
         log.info("quotagate stopped")
 

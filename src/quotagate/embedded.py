@@ -7,7 +7,11 @@ and hands the lock to redis-server, so it is held for as long as that Redis runs
 past the death of the process that started it. A second `serve` (or `restore`) on the
 directory is refused while that process lives (whatever its pid: 1 in a container); once
 it has died (a killed `serve`), the Redis it left is stopped first (SIGTERM: it fsyncs its
-AOF) and the new process takes over."""
+AOF) and the new process takes over.
+
+A Redis that dies while its `serve` runs (the OOM killer, a crash) is started again from
+its AOF by that `serve` (`revive`): calls answer UNAVAILABLE meanwhile, and what Redis had
+not fsynced (at most about a second with `everysec`) is lost, as in a machine crash."""
 
 from __future__ import annotations
 
@@ -82,6 +86,10 @@ def _is_redis(pid: int) -> bool:
         return False
 
 
+#: after a failed restart of a Redis that died, wait this long before the next try
+REVIVE_PAUSE_S = 5
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: Path) -> None:
         self.dir = data_dir.resolve() / "redis"
@@ -91,6 +99,8 @@ class EmbeddedRedis:
         self.socket = sock if len(str(sock)) < 100 else None
         self.port = 0
         self._lock: int | None = None
+        self._retry_at = 0.0
+        self._wanted = False  # started and not stopped: revive() starts it again
 
     def owner_gone(self) -> bool:
         """Whether the process that started the data dir's Redis (its identity is in the
@@ -180,9 +190,10 @@ class EmbeddedRedis:
                 self.socket.unlink()
             args += ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
         else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                self.port = s.getsockname()[1]
+            if not self.port:  # a restart keeps the port: the workers have its URL
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    self.port = s.getsockname()[1]
             args += ["--port", str(self.port)]
         assert self._lock is not None
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -195,6 +206,7 @@ class EmbeddedRedis:
                                    f"see {self.dir / 'redis.log'}")
             if self._ping():
                 log.info("embedded redis started at %s (AOF in %s)", self.url, self.dir)
+                self._wanted = True
                 return self.url
             time.sleep(0.02)
         self.proc.kill()
@@ -203,7 +215,30 @@ class EmbeddedRedis:
         self._release()
         raise RuntimeError("embedded redis-server did not answer within 30 s")
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def revive(self) -> bool:
+        """Start Redis again if it died under us (the OOM killer, a crash): from its AOF,
+        on the same socket or port, so the workers' URL still reaches it. Returns whether
+        it was started; a failed start is logged and tried again after a pause."""
+        if not self._wanted or self.alive() or time.monotonic() < self._retry_at:
+            return False
+        if self.proc is not None:
+            log.error("the embedded redis-server (pid %d) exited with %s; starting it again "
+                      "from its AOF in %s", self.proc.pid, self.proc.returncode, self.dir)
+            self.proc = None
+        try:
+            self.start()
+            return True
+        except (RuntimeError, OSError, ConfigError) as e:
+            log.error("the embedded redis-server did not start again: %s; retrying in %d s",
+                      e, REVIVE_PAUSE_S)
+            self._retry_at = time.monotonic() + REVIVE_PAUSE_S
+            return False
+
     async def stop(self) -> None:
+        self._wanted = False
         proc, self.proc = self.proc, None
         try:
             if proc is None or proc.poll() is not None:

@@ -100,6 +100,8 @@ def run_workers(settings: Settings, workers: int) -> int:
                     break
                 log.warning("worker %d exited with %s; restarting", i, p.returncode)
                 procs[i] = spawn(i)
+        if embedded is not None and not stopping:
+            embedded.revive()  # the shared Redis died (OOM killer, crash): from its AOF
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
