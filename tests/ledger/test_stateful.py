@@ -97,6 +97,7 @@ class Hold:
     late: bool = False
     charged: int = 0
     xtakes: list[list[int | str]] = field(default_factory=list)
+    cp: int = -1  # the period its Commit counted the usage in (seat cap, overage)
 
 
 class Model:
@@ -290,7 +291,7 @@ class Model:
                 self.w["S"].cu += a
         if left:
             charged += self.charge_free(h.chain, left)
-        h.state, h.charged, h.xtakes = "C", a, charged
+        h.state, h.charged, h.xtakes, h.cp = "C", a, charged, self.w["O"].p
         self.settle()
         return "C", a
 
@@ -326,7 +327,7 @@ class Model:
                         if w.p == pid:
                             w.mu -= y
                     elif str(code)[1] == "o":
-                        if w.p == pid:
+                        if w.p == h.cp:  # counted where it was committed
                             w.ou = max(0, w.ou - y)
                     else:
                         w.tb += y
@@ -345,7 +346,7 @@ class Model:
             o.mu -= back
             o.dpm -= back
             o.tb += settled - back
-        if x and h.chain[0] == "S" and self.w["S"].p == h.hp:
+        if x and h.chain[0] == "S" and self.w["S"].p == h.cp:
             self.w["S"].cu = max(0, self.w["S"].cu - x)
         h.state = "R"
         h.refunded = x  # type: ignore[attr-defined]
@@ -395,7 +396,11 @@ class Model:
             else:
                 h.takes.append(["Oo", o.p, z])
         if h.chain[0] == "S":
-            self.w["S"].ch += add
+            s = self.w["S"]
+            if s.p != h.hp:  # held since an earlier period: all of it counts here now
+                s.ch += h.g
+                h.hp = s.p
+            s.ch += add
         h.g += add
 
     def view(self, chain: tuple[str, ...]) -> dict[str, int]:

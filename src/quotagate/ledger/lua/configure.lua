@@ -57,14 +57,16 @@ end
 
 -- The org's configuration as one HGETALL reads it: its teams (team -> seats, and their
 -- ids sorted), its templates (meter -> spec, and the meters sorted), its assistants
--- (assistant -> enabled, sorted) and every field name.
+-- (assistant -> enabled, sorted), the allocations (field 'al:<meter>:<team>' -> amount)
+-- and every field name.
 local function cfg_state()
   local st = {teams = {}, order = {}, tmpls = {}, tmeters = {}, as = {}, aorder = {},
-    fields = {}}
+    fields = {}, al = {}}
   local flat = redis.call('HGETALL', cfg)
   for i = 1, #flat, 2 do
     local f, v = flat[i], flat[i + 1]
     st.fields[#st.fields + 1] = f
+    if string.sub(f, 1, 3) == 'al:' then st.al[f] = v end
     local te = string.match(f, '^t:(.*)$')
     if te then st.teams[te] = N(v); st.order[#st.order + 1] = te end
     local m = string.match(f, '^tmpl:(.*)$')
@@ -127,7 +129,11 @@ end
 
 -- Write a meter's template and its allocations t (from template_allocs) and apply them
 -- to the current period: a team's monthly grant becomes its allocation (minus what it
--- transferred away), the org keeps the rest of its plan grant. Spent tokens still count.
+-- transferred away), the org keeps the rest of its plan grant. Spent tokens still count,
+-- and none is made: the period's tokens move as a Transfer would move them. A team keeps
+-- what it has used or holds of its grant (a smaller allocation gives the org only the
+-- unspent part), and a team whose grant grows takes it from what the org has free (what
+-- the org has not is the team's from the next period on).
 -- `st` is the configuration as read before this call's writes.
 local function write_template(st, meter, spec, t)
   local mode, _, kind = parse_spec(spec)
@@ -151,14 +157,34 @@ local function write_template(st, meter, spec, t)
   local octx = ctx_for(meter, kind, '')
   local ows = chain_load(octx)
   local ow = octx.org
-  ow.mg = t.pool - t.total - ow.mx; ow.dirty = true
-  octx.d = settle_debt(ow, octx.d)
-  chain_save(octx, ows)
+  local tws, up, sum = {}, {}, 0
   for _, te in ipairs(st.order) do
-    local w = wallet_load(octx.bal, 'T:' .. te .. ':', octx.pid, t.alloc[te] or 0)
-    w.mg = (t.alloc[te] or 0) - w.mx; w.dirty = true
+    -- a wallet not touched yet this period holds the team's allocation as it was
+    local w = wallet_load(octx.bal, 'T:' .. te .. ':', octx.pid, N(st.al[pfx .. te]))
+    local want = (t.alloc[te] or 0) - w.mx
+    if want < w.mg then
+      want = math.max(want, math.min(w.mg, w.mu + w.mh))
+    else
+      up[te] = want - w.mg
+    end
+    w.mg = want; w.dirty = true
+    tws[te] = w
+    sum = sum + want + w.mx
+  end
+  -- the org keeps the rest; where that is less than it has used or holds, the teams'
+  -- increases give back their free part
+  ow.mg = t.pool - ow.mx - sum; ow.dirty = true
+  local short = ow.mu + ow.mh - ow.mg
+  for _, te in ipairs(st.order) do
+    local w = tws[te]
+    if short > 0 and up[te] then
+      local back = math.min(short, up[te], math.max(0, w.mg - w.mu - w.mh))
+      w.mg = w.mg - back; ow.mg = ow.mg + back; short = short - back
+    end
     wallet_save(w)
   end
+  octx.d = settle_debt(ow, octx.d)
+  chain_save(octx, ows)
   -- a smaller allocation can leave a team's (or the org's) assistants with nothing: each
   -- one's own chain is looked at (deactivate_dry), as after any other change of budget
   octx.dry = true

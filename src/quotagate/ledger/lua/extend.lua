@@ -74,7 +74,16 @@ for i = 1, h.n do
   if a then
     local ctx, ws = ctxs[i], wss[i]
     local takes = chain_hold(ctx, ws, a)
-    if h.se ~= '' and ws[1].level == 'S' then ws[1].ch = ws[1].ch + a; ws[1].dirty = true end
+    if h.se ~= '' and ws[1].level == 'S' then
+      local add = a
+      if ws[1].p ~= tonumber(h.hp[i]) then
+        -- held since an earlier period: the whole hold counts against this period's
+        -- seat cap from now on, as its Commit will, and its release takes all of it off
+        add = add + N(h.g[i])
+        fields[#fields + 1] = hf('hp', i); fields[#fields + 1] = I(ws[1].p)
+      end
+      ws[1].ch = ws[1].ch + add; ws[1].dirty = true
+    end
     chain_save(ctx, ws)
     after_change(ctx, now, false)
     local merged = takes_encode(takes_merge(takes_decode(h.t[i]), takes))

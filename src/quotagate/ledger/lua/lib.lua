@@ -216,8 +216,11 @@ end
 -- What paid debt in the org wallet's current period (field 'dp' of the balance hash,
 -- "<period>:<monthly>:<top-up>"): a Refund of usage that became debt gives back what paid
 -- it, and only this period's monthly tokens can go back as monthly tokens. Read and
--- written only when debt is paid or refunded, never on the plain spend path.
+-- written only when debt is paid or refunded, never on the plain spend path. A change is
+-- kept in w.dpw and written by chain_save with the wallet it describes: a call that loads
+-- the chain, finds the debt paid and is then refused (saving nothing) records nothing.
 local function debt_paid(w)
+  if w.dpw then return w.dpw[1], w.dpw[2] end
   local v = redis.call('HGET', w.bal, 'dp')
   if v then
     local p, m, t = string.match(v, '^(%d+):(%d+):(%d+)$')
@@ -227,11 +230,7 @@ local function debt_paid(w)
 end
 
 local function debt_paid_save(w, m, t)
-  if m > 0 or t > 0 then
-    redis.call('HSET', w.bal, 'dp', I(w.p) .. ':' .. I(m) .. ':' .. I(t))
-  else
-    redis.call('HDEL', w.bal, 'dp')
-  end
+  w.dpw = {m, t}
 end
 
 -- Debt is paid first from whatever the org wallet has free: monthly, then top-up.
@@ -411,6 +410,15 @@ local function chain_save(ctx, ws)
   if o.d0 ~= ctx.d then
     f[n + 1] = 'd'; f[n + 2] = I(ctx.d); n = n + 2
     o.d0 = ctx.d; o.extra.d = ctx.d
+  end
+  local dp = o.dpw
+  if dp then  -- what paid debt this period (debt_paid_save), with the wallet it changed
+    o.dpw = nil
+    if dp[1] > 0 or dp[2] > 0 then
+      f[n + 1] = 'dp'; f[n + 2] = I(o.p) .. ':' .. I(dp[1]) .. ':' .. I(dp[2]); n = n + 2
+    else
+      redis.call('HDEL', o.bal, 'dp')
+    end
   end
   if ctx.new_user then
     f[n + 1] = ctx.new_user; f[n + 2] = '1'; n = n + 2
@@ -616,7 +624,8 @@ local function credit_take(ctx, ws, take, x)
   if kind == 'm' then
     if w.p == take[2] then w.mu = math.max(0, w.mu - x); w.dirty = true end
   elseif kind == 'o' then
-    if w.p == take[2] then
+    -- Commit counted overage in its own period (ctx.commit_pid), whatever the take's
+    if w.p == (ctx.commit_pid or take[2]) then
       w.ou = math.max(0, w.ou - x); w.dirty = true
       ctx.billed = (ctx.billed or 0) - x * ctx.oprice
     end

@@ -71,6 +71,13 @@ for i = 1, h.n do
   if x > 0 then
     local ctx = hold_ctx(h, i, now, maxlen)
     local ws = chain_load(ctx)
+    -- The period the Commit counted this usage in (seat cap, overage): the one it was
+    -- made in, also for a hold made in an earlier period. Only there is it given back.
+    local cp = tonumber(h.hp[i])
+    if h.done and h.k[i] ~= 'g' then
+      cp = period_compute(floor(tonumber(h.done) / 86400000), math.max(1, N(ctx.anchor)))
+    end
+    ctx.commit_pid = cp
     local takes = takes_in_burn_order(takes_decode(h.x[i]))
     local left, settled = x, 0
     for j = #takes, 1, -1 do
@@ -79,7 +86,7 @@ for i = 1, h.n do
       left = left - y
     end
     credit_settled(ctx, settled)
-    if h.se ~= '' and ws[1].level == 'S' and ws[1].p == tonumber(h.hp[i]) then
+    if h.se ~= '' and ws[1].level == 'S' and ws[1].p == cp then
       ws[1].cu = math.max(0, ws[1].cu - x); ws[1].dirty = true
     end
     ctx.d = settle_debt(ctx.org, ctx.d)
