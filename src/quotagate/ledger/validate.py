@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from quotagate.errors import InvalidArgument
 from quotagate.ledger.model import Catalog, Charge, MeterKind, Subject
 
 MAX_AMOUNT = 2**50
 MAX_ID_BYTES = 128
+#: labels of a hold or a charge, as compact JSON with sorted keys (what the ledger stores)
+MAX_LABELS_BYTES = 4096
 #: C0 and C1 control characters and lone surrogates
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
@@ -79,3 +82,12 @@ def charges(catalog: Catalog, items: Iterable[Charge], field: str,
             raise InvalidArgument(f"meter {c.meter!r} appears twice", f"{field}[{i}].meter")
         seen.add(c.meter)
     return out
+
+
+def labels(items: Mapping[str, str] | None, field: str = "labels") -> None:
+    """Labels are at most 4,096 bytes in all, measured as the ledger stores them: compact
+    JSON with sorted keys (non-ASCII escaped, so characters are bytes)."""
+    if items and len(json.dumps(dict(sorted(items.items())),
+                                separators=(",", ":"))) > MAX_LABELS_BYTES:
+        raise InvalidArgument(f"labels must be at most {MAX_LABELS_BYTES} bytes as JSON",
+                              field)

@@ -18,6 +18,9 @@ from quotagate.server.status import translated
 from quotagate.sync.sink import GROUP_COLUMNS, Sink, UsageQuery
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
 
+#: the largest part of a Redis stream id ("<ms>-<seq>", each an unsigned 64-bit number)
+_MAX_ID_PART = 2**64 - 1
+
 #: WatchEvents' initial metadata: the cursor the stream continues from (see admin.proto)
 CURSOR_HEADER = "quotagate-cursor"
 
@@ -34,10 +37,31 @@ def parse_cursor(cursor: str) -> tuple[int, int] | None:
 
     if not cursor:
         return None
+    bad = InvalidArgument("must be an event's cursor (\"<ms>-<seq>\")", "after")
     ms, sep, seq = cursor.partition("-")
-    if not (sep and ms.isdigit() and seq.isdigit()) or len(cursor) > 41:
-        raise InvalidArgument("must be an event's cursor (\"<ms>-<seq>\")", "after")
-    return int(ms), int(seq)
+    # ASCII digits only: str.isdigit also takes "²", which int() refuses
+    if len(cursor) > 41 or not (sep and ms.isascii() and ms.isdigit() and seq.isascii()
+                                and seq.isdigit()):
+        raise bad
+    at = int(ms), int(seq)
+    # each part a 64-bit number, and not the very last id: nothing can come after it
+    if max(at) > _MAX_ID_PART or at == (_MAX_ID_PART, _MAX_ID_PART):
+        raise bad
+    return at
+
+
+def _timestamp_ms(request: Any, name: str) -> int | None:
+    """A Timestamp field in milliseconds; None when unset. One out of the Timestamp range
+    (0001-01-01 to 9999-12-31, nanos 0 to 999,999,999) is INVALID_ARGUMENT naming it."""
+    from quotagate.errors import InvalidArgument
+
+    if not request.HasField(name):
+        return None
+    try:
+        return int(getattr(request, name).ToMilliseconds())
+    except ValueError:  # protobuf checks the range
+        raise InvalidArgument("must be a valid Timestamp: seconds from 0001-01-01 to "
+                              "9999-12-31 UTC, nanos from 0 to 999,999,999", name) from None
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -203,8 +227,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                       f"{', '.join(GROUP_COLUMNS)}", f"group_by[{i}]")
             if g not in group_by:
                 group_by.append(g)
-        start = request.start.ToMilliseconds() if request.HasField("start") else None
-        end = request.end.ToMilliseconds() if request.HasField("end") else None
+        start = _timestamp_ms(request, "start")
+        end = _timestamp_ms(request, "end")
         if start is not None and end is not None and end < start:
             raise InvalidArgument("must not be before start", "end")
         if request.page_size < 0:
@@ -219,7 +243,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 after = tuple(str(v) for v in tok["a"])
                 if tok["q"] != fingerprint or len(after) != len(group_by) + 1:
                     raise ValueError
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
                 raise InvalidArgument("is not a token of this query", "page_token") from e
         if self.usage is None:
             raise Unavailable("no SQL store configured for ListUsage")

@@ -39,7 +39,7 @@ def new_open_id() -> str:
 
 
 def is_open_id(reservation_id: str) -> bool:
-    return _OPEN_ID.match(reservation_id) is not None
+    return _OPEN_ID.fullmatch(reservation_id) is not None  # "$" would allow a final "\n"
 
 
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
@@ -92,9 +92,12 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     @translated
     async def Commit(self, request: quota_pb2.CommitRequest,
                      context: grpc.aio.ServicerContext) -> quota_pb2.CommitResponse:
+        labels = dict(request.labels) if request.labels else None
+        validate.ident(request.reservation_id, "reservation_id")
+        validate.labels(labels)
         try:
             r = await self.ledger.commit(request.reservation_id, cv.charges(request.actual),
-                                         dict(request.labels) if request.labels else None)
+                                         labels)
         except InvalidArgument as e:
             if not self._open_hold(request.reservation_id, e):
                 raise
@@ -111,6 +114,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     @translated
     async def Refund(self, request: quota_pb2.RefundRequest,
                      context: grpc.aio.ServicerContext) -> quota_pb2.RefundResponse:
+        validate.ident(request.reservation_id, "reservation_id")
         try:
             r = await self.ledger.refund(request.reservation_id, cv.charges(request.amount),
                                          request.reason)
@@ -132,6 +136,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     @translated
     async def Extend(self, request: quota_pb2.ExtendRequest,
                      context: grpc.aio.ServicerContext) -> quota_pb2.ExtendResponse:
+        validate.ident(request.reservation_id, "reservation_id")
         try:
             r = await self.ledger.extend(request.reservation_id,
                                          cv.charges(request.additional), request.ttl_seconds)
@@ -191,9 +196,9 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
 
         try:
             org = validate.ident(request.org_id, "org_id")
-            wanted = list(dict.fromkeys(request.assistant_ids))
-            for i, a in enumerate(wanted):
+            for i, a in enumerate(request.assistant_ids):  # the index as sent
                 validate.ident(a, f"assistant_ids[{i}]")
+            wanted = list(dict.fromkeys(request.assistant_ids))
             # subscribe first, then read the current status: no change falls in between
             async with hub_for(self.ledger.redis, self.ledger.keys).subscription(org) as sub:
                 # every assistant registered now, when none were named
