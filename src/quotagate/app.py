@@ -24,14 +24,14 @@ from quotagate import catalog as catalog_mod
 from quotagate import telemetry
 from quotagate.clock import Clock, SystemClock
 from quotagate.embedded import EmbeddedRedis
-from quotagate.envoy import rls_pb2_grpc
+from quotagate.envoy import rls_pb2, rls_pb2_grpc
 from quotagate.errors import ConfigError, QuotagateError, Unavailable
 from quotagate.events.notifier import Notifier, NotifierOptions
 from quotagate.ledger.keys import Keys
 from quotagate.ledger.model import SeatLimit
 from quotagate.ledger.mux import ClusterMux
 from quotagate.ledger.store import Ledger, LedgerOptions
-from quotagate.server import auth, envoy_rls, tracing
+from quotagate.server import auth, decoding, envoy_rls, tracing
 from quotagate.server.admin import AdminServicer
 from quotagate.server.envoy_rls import RateLimitServicer
 from quotagate.server.health import Health
@@ -122,14 +122,18 @@ class App:
                 keyring, self.redis, self.ledger.keys)))
         server = grpc.aio.server(options=server_options(s),
                                  interceptors=self.interceptors or None)
-        quota_pb2_grpc.add_QuotaServiceServicer_to_server(
-            QuotaServicer(self.ledger, fail_open=s.fail_open), server)
+        # our services: a request that does not decode is INVALID_ARGUMENT (decoding.py)
+        decoding.add(quota_pb2_grpc.add_QuotaServiceServicer_to_server,
+                     QuotaServicer(self.ledger, fail_open=s.fail_open), server,
+                     quota_pb2.DESCRIPTOR.services_by_name["QuotaService"])
         self.sink = open_sink(default_url(s.database_url, s.data_dir))  # no I/O yet
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.ledger, usage=self.sink), server)
+        decoding.add(admin_pb2_grpc.add_AdminServiceServicer_to_server,
+                     AdminServicer(self.ledger, usage=self.sink), server,
+                     admin_pb2.DESCRIPTOR.services_by_name["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-            RateLimitServicer(self.ledger, fail_open=s.fail_open), server)
+        decoding.add(rls_pb2_grpc.add_RateLimitServiceServicer_to_server,
+                     RateLimitServicer(self.ledger, fail_open=s.fail_open), server,
+                     rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"])
         reflection.enable_server_reflection((
             envoy_rls.SERVICE,
             quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,

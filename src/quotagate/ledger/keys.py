@@ -147,7 +147,7 @@ class Keys:
         return f"r{self.shard_of(org_id)}.{token}"
 
     def shard_of_reservation(self, reservation_id: str) -> int:
-        m = _RID.match(reservation_id)
+        m = _RID.fullmatch(reservation_id)  # "$" alone would allow a final "\n"
         if not m or int(m.group(1)) >= self.shards:
             raise ValueError("malformed reservation id")
         return int(m.group(1))
