@@ -19,7 +19,7 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 
-from quotagate.errors import FailedPrecondition, Unavailable
+from quotagate.errors import FailedPrecondition, InvalidArgument, Unavailable
 from quotagate.events.model import Event
 from quotagate.events.notifier import _entries, _s
 from quotagate.ledger.keys import Keys
@@ -162,6 +162,10 @@ class EventHub:
             self._task = None
 
 
+#: how far ahead of Redis's clock a resume cursor may be (clocks of the hosts differ)
+FUTURE_SLACK_MS = 60_000
+
+
 async def replay(redis: Any, keys: Keys, org_id: str, after: tuple[int, int],
                  batch: int = 500) -> AsyncIterator[Event]:
     """The org's events after stream position `after` that its shard's stream still
@@ -181,8 +185,16 @@ async def replay(redis: Any, keys: Keys, org_id: str, after: tuple[int, int],
         else:  # empty: was anything written after `after` (and then trimmed)?
             ms, _, seq = _s(info.get("last-generated-id", "0-0")).partition("-")
             gap = (int(ms), int(seq)) > after
+        # A cursor no event can have yet (its time ahead of Redis's clock): every live
+        # event would come "before" it and be dropped as already sent.
+        t = await redis.time()
+        secs, micros = next(iter(t.values())) if isinstance(t, dict) else t  # (a cluster's)
+        ahead = after[0] > int(secs) * 1000 + int(micros) // 1000 + FUTURE_SLACK_MS
     except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
         raise Unavailable(f"redis unreachable: {e}") from e
+    if ahead:
+        raise InvalidArgument("is later than any event can be yet (its time is ahead of "
+                              "Redis's clock): pass a cursor an event carried", "after")
     if gap:
         raise FailedPrecondition(f"events after {start} may no longer all be in Redis (the "
                                  "stream keeps the newest ~100,000 of a shard): watch from "
