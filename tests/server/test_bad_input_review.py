@@ -955,9 +955,6 @@ async def test_regression(world: World, name: str) -> None:
     await rejected(world, *REGRESSIONS[name](world))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the same seat as source and destination is "
-                   "refused naming to_team_id, a field the request left empty (transfer.lua "
-                   "names to_team_id for every same-wallet case)")
 async def test_transfer_to_the_same_seat_names_the_seat(world: World) -> None:
     await rejected(world, world.a.Transfer, admin_pb2.TransferRequest(
         org_id="acme", meter=M, amount=1, bucket=admin_pb2.BUCKET_MONTHLY,

@@ -92,6 +92,11 @@ for i = 1, h.n do
   local dry = chain_available(ctx, ws) <= 0
   -- Its last tokens went now: every assistant drawing on it is deactivated.
   if dry and before > 0 then ctx.dry = true end
+  -- It used overage (overage_used set ctx.billed): the price it was billed at, which a
+  -- Refund credits back whatever the price is by then.
+  if ctx.billed ~= nil then
+    fields[#fields + 1] = hf('op', i); fields[#fields + 1] = I(ctx.oprice)
+  end
   after_change(ctx, now, a < N(h.g[i]))
   if h.ae ~= '' and dry then
     assistant_deactivate(ctx, h.ae, 'exhausted', now)

@@ -755,6 +755,7 @@ end
 --   m<i> meter  k<i> kind (c counter | g gauge)  g<i> amount held
 --   t<i> takes "code:pid:amount,…" (codes Sm St Tm Tt Om Ot)  hp<i> period of the seat cap
 --   c<i> charged by Commit   x<i> takes charged ("D" = debt)   r<i> refunded
+--   op<i> unit price (micros) the Commit billed its overage at (only when it used any)
 --   exp  expiry (ms)   act  action   feat  feature   lbl  labels (JSON) (absent when none)
 --   at   when it was made (ms)   done  when it was resolved (ms)
 -- hold_read adds what follows from the key and the fields, so a hold never stores it:
@@ -1101,7 +1102,8 @@ local function overage_events(ctx, now)
   local o = org_of(ctx)
   if ow.rolled and ctx.kind ~= 'g' then
     local rest = N(redis.call('HGET', ctx.bal, 'oub'))
-    if rest > 0 or N(ow.prev_ou) > 0 then
+    -- (a rest below 0 is a credit: overage billed at a threshold, then refunded)
+    if rest ~= 0 or N(ow.prev_ou) > 0 then
       emit(ctx.bal, 'overage.period_closed', 'overage.period_closed:' .. o .. ':' .. ctx.meter
         .. ':' .. I(ow.prev_p), o, {meter = unesc(ctx.meter), amount_micros = I(rest),
         overage_tokens = I(N(ow.prev_ou))}, now)

@@ -78,6 +78,10 @@ for i = 1, h.n do
       cp = period_compute(floor(tonumber(h.done) / 86400000), math.max(1, N(ctx.anchor)))
     end
     ctx.commit_pid = cp
+    -- overage is credited at the price its Commit billed (a hold of an earlier build
+    -- has none recorded: today's price)
+    local op = h[hf('op', i)]
+    if op then ctx.oprice = tonumber(op) end
     local takes = takes_in_burn_order(takes_decode(h.x[i]))
     local left, settled = x, 0
     for j = #takes, 1, -1 do

@@ -105,7 +105,9 @@ local amount, bucket = tonumber(ARGV[12]), ARGV[13]
 local function key_of(w) if w.se ~= '' then return 'S' .. w.se end
   if w.te ~= '' then return 'T' .. w.te end return 'O' end
 if key_of(src) == key_of(dst) then
-  return {'ERR', 'INVALID_ARGUMENT', 'to_team_id', 'source and destination are the same wallet'}
+  -- named by the destination's field: the seat when one was given
+  return {'ERR', 'INVALID_ARGUMENT', ARGV[11] ~= '' and 'to_seat_id' or 'to_team_id',
+    'source and destination are the same wallet'}
 end
 
 local src_before = nil
