@@ -101,4 +101,25 @@ async def server(redis_server: Any, redis: Any, clock: ManualClock,
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     yield Grpc(app, channel)
     await channel.close()
-    await app.stop()
+    await stop_or_report(app)
+
+
+async def stop_or_report(app: App, within_s: float = 60) -> None:
+    """App.stop(); one that has not finished within `within_s` fails the test with where
+    every task of the loop is waiting (a hang is otherwise only pytest-timeout's thread
+    dump, which shows no coroutine)."""
+    import asyncio
+    import io
+
+    stop = asyncio.ensure_future(app.stop())
+    done, _ = await asyncio.wait({stop}, timeout=within_s)
+    if done:
+        stop.result()
+        return
+    out = io.StringIO()
+    for t in asyncio.all_tasks():
+        if t is not asyncio.current_task():
+            print(f"--- task {t.get_name()}", file=out)
+            t.print_stack(limit=12, file=out)
+    pytest.fail(f"App.stop() did not finish in {within_s:.0f} s; the loop's tasks:\n"
+                + out.getvalue())
