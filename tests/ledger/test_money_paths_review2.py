@@ -248,9 +248,6 @@ async def test_a_lower_cap_mid_period_keeps_what_was_held_and_grants_no_more(
 
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a gauge meter has no period, so its "
-                   "unbilled overage is never closed by overage.period_closed (README: 'the "
-                   "rest comes in overage.period_closed when the period ends')")
 async def test_a_gauges_unbilled_overage_is_billed_when_the_period_ends(
         ledger: Ledger, redis: Any, clock: ManualClock) -> None:
     await ledger.upsert_plan("s1", [Allowance(M, 1_000), Allowance(G, 1_000)])
@@ -262,6 +259,57 @@ async def test_a_gauges_unbilled_overage_is_billed_when_the_period_ends(
     await bal(ledger, Subject("o"), G)
     await ledger.sweep(ledger.keys.shard_of("o"))
     assert sum(await billed(ledger, redis, "o", G)) == 200 * 1_000
+
+async def _store(ledger: Ledger, org: str, nbytes: int, key: str) -> str:
+    r = await ledger.reserve(Subject(org), [Charge(G, nbytes)], idempotency_key=key)
+    assert r.decision is Decision.GRANTED, r
+    await ledger.commit(r.reservation_id)
+    return r.reservation_id
+
+
+async def test_a_gauges_overage_closes_with_the_orgs_period_nobody_touching_it(
+        ledger: Ledger, redis: Any, clock: ManualClock) -> None:
+    """Stored bytes over the plan, anchor day 15: billed at the $50 step, and what is
+    left unbilled when the period ends comes from the sweeper alone, once, for the period
+    it accrued in; bytes stored over the plan in the next period close with that one. All
+    bills add up to every byte over the plan at its price, a deleted file credited."""
+    await ledger.upsert_plan("st", [Allowance(M, 1_000), Allowance(G, 1_000)])
+    await ledger.upsert_org("o", "st", period_anchor_day=15)
+    await ledger.set_overage("o", G, 100_000, PRICE, EVERY)  # $50 = 5,000 bytes
+    await _store(ledger, "o", 7_000, "a")  # 6,000 over: $60, billed at the step
+    gone = await _store(ledger, "o", 500, "b")  # 500 more over: $5 unbilled
+    await ledger.refund(gone, [Charge(G, 500)])  # the file is deleted: $0 unbilled
+    await _store(ledger, "o", 300, "c")  # $3 unbilled
+    assert await billed(ledger, redis, "o", G) == [60_000_000]
+    clock.set(ms(2026, 11, 14, 23))  # the period (2026-10-15 .. 11-15) has not ended
+    await ledger.sweep_all()
+    assert await billed(ledger, redis, "o", G) == [60_000_000]
+    clock.set(ms(2026, 11, 15, 1))
+    await ledger.sweep_all()
+    await ledger.sweep_all()
+    assert await billed(ledger, redis, "o", G) == [60_000_000, 3_000_000]
+    closes = [a for t, a in await events(ledger, redis, "o") if t == "overage.period_closed"]
+    assert closes == [{"meter": G, "amount_micros": "3000000", "overage_tokens": "6300"}]
+    await _store(ledger, "o", 200, "d")  # the next period: 200 more bytes over
+    clock.set(ms(2026, 12, 15, 1))
+    await bal(ledger, Subject("o"), G)  # a touch closes it, as the sweeper would
+    await _store(ledger, "o", 1, "e")
+    await ledger.sweep_all()
+    assert await billed(ledger, redis, "o", G) == [60_000_000, 3_000_000, 2_000_000]
+    assert sum(await billed(ledger, redis, "o", G)) == (7_000 + 300 + 200 - 1_000) * PRICE
+    assert (await bal(ledger, Subject("o"), G)).overage_used == 6_501  # stored, not reset
+
+
+async def test_a_gauge_without_overage_has_nothing_to_close(
+        ledger: Ledger, redis: Any, clock: ManualClock) -> None:
+    await ledger.upsert_plan("st", [Allowance(M, 1_000), Allowance(G, 1_000)])
+    await ledger.upsert_org("o", "st")
+    await _store(ledger, "o", 900, "a")
+    assert await redis.hget(ledger.keys.bal("o", G), "gop") is None
+    assert await redis.zcard(ledger.keys.org_prefix("o") + "ovc") == 0
+    clock.set(ms(2026, 12, 1, 1))
+    await ledger.sweep_all()
+    assert await billed(ledger, redis, "o", G) == []
 
 # -- (2) multi-charge holds -----------------------------------------------------------------
 

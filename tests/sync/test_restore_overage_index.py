@@ -130,13 +130,16 @@ async def test_restore_indexes_no_org_without_overage_to_close(
     for org in orgs:
         await overage_org(ledger, org)
     await spend(ledger, "within", 999)  # inside the plan: no overage
-    await spend(ledger, "gauge", 1_500, GAUGE)  # a gauge has no periods: never closed
+    # a gauge has no periods of its own: its unbilled overage closes with the org's
+    await spend(ledger, "gauge", 1_500, GAUGE)
     assert (await ledger.get_balance(Subject("gauge"), [GAUGE]))[0].overage_used == 500
     await spend(ledger, "closed", 1_500)
     clock.set(END + 60_000)
     await spend(ledger, "closed", 10)  # the first touch of its next period closes it
     assert [c["overage_tokens"] for c in await closed(redis, ledger, "closed")] == ["500"]
-    await ledger.sweep_all()  # the entry lib.lua left behind goes
+    await ledger.sweep_all()  # the entry lib.lua left behind goes; the gauge's closes
+    assert await closed(redis, ledger, "gauge") == [
+        {"meter": GAUGE, "amount_micros": "5000000", "overage_tokens": "500"}]
     for org in orgs:
         assert await score(redis, ledger, org) is None
     assert await score(redis, ledger, "gauge", GAUGE) is None
@@ -149,6 +152,22 @@ async def test_restore_indexes_no_org_without_overage_to_close(
     await ledger.sweep_all()
     for org in orgs:
         assert [c["overage_tokens"] for c in await closed(redis, ledger, org)] == []
+
+
+async def test_restore_puts_a_gauges_unbilled_overage_back_in_the_index(
+        redis: Any, ledger: Ledger, clock: ManualClock, sink: Sink, syncer: Syncer) -> None:
+    """Stored bytes over the plan, billed below the threshold: the period they accrued in
+    is indexed again by restore, and the sweeper bills them when it ends."""
+    await overage_org(ledger, "acme")
+    await spend(ledger, "acme", 1_300, GAUGE)  # 300 bytes over: $3, below the $50 step
+    assert await score(redis, ledger, "acme", GAUGE) == END
+    await lose_everything(redis, syncer)
+    assert (await restore(redis, ledger.keys, sink)).overage == 1
+    assert await score(redis, ledger, "acme", GAUGE) == END
+    clock.set(END + 60_000)
+    await ledger.sweep_all()
+    assert await closed(redis, ledger, "acme") == [
+        {"meter": GAUGE, "amount_micros": "3000000", "overage_tokens": "300"}]
 
 
 async def test_restore_keeps_the_later_period_end_over_an_entry_left_behind(

@@ -23,7 +23,8 @@ Every snapshot is merged into what Redis holds now, field by field:
   normal retention TTL again; an org with a plan is re-added to the plan's org set;
 - a balance hash of a counter meter whose merged state has overage to close in its
   period (org wallet `ou` > 0 or unbilled `oub` > 0: what makes lib.lua's roll emit
-  `overage.period_closed`) is re-added to its shard's overage index `ovc`
+  `overage.period_closed`), or of a gauge meter with unbilled overage of a period
+  (`gop`), is re-added to its shard's overage index `ovc`
   (`<org>|<meter>` -> the end of that period, ms, from the org's anchor day), so the
   sweeper closes and bills the period when it ends even if nobody touches the org. An
   entry Redis has already keeps the later of the two ends (ZADD GT, as lib.lua's plain
@@ -168,7 +169,11 @@ def overage_period(h: Mapping[str, str]) -> int:
     """The period whose overage a balance hash (text form) has yet to close, else 0: its
     org wallet's period, when the wallet used overage in it (`ou`) or some is unbilled
     (`oub`) — what makes lib.lua's overage_events emit overage.period_closed when the
-    wallet rolls. A gauge meter's wallet has period 0: never closed."""
+    wallet rolls. A gauge meter's wallet has period 0: its unbilled overage names the
+    period it accrued in (`gop`, lib.lua's gauge_overage_events)."""
+    gop = _int(h.get("gop"))
+    if gop > 0:
+        return gop
     w = _wallet(h.get("w", ""))
     if w is None or w["p"] <= 0:
         return 0

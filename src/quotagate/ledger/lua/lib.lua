@@ -1096,11 +1096,60 @@ end
 -- Overage billing: every overage token used costs its price; each time the unbilled amount
 -- reaches bill_every, overage.threshold_reached carries the amount to bill. At the first
 -- touch of a new period, overage.period_closed carries the rest of the old one.
+-- overage.threshold_reached each time the unbilled overage money reaches bill_every.
+local function overage_threshold(ctx, o, unbilled, ou, now)
+  if ctx.obill_every > 0 and unbilled >= ctx.obill_every then
+    local seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
+    emit(ctx.bal, 'overage.threshold_reached', 'overage.threshold_reached:' .. o .. ':'
+      .. ctx.meter .. ':' .. I(seq), o, {meter = unesc(ctx.meter), amount_micros = I(unbilled),
+      overage_tokens = I(ou)}, now)
+    redis.call('HSET', ctx.bal, 'oub', '0')
+  end
+end
+
+-- A gauge meter (stored bytes) has no period of its own, but its overage is billed by
+-- the org's billing periods too: what is unbilled when a period ends comes in
+-- overage.period_closed (overage_tokens: the gauge's overage then). Field 'gop' of the
+-- balance hash: the period that unbilled overage accrued in (absent: none); the index
+-- 'ovc' has that period's end, so the sweeper closes it for an org nobody touches.
+local function gauge_close(bal, o, meter, gop, rest, ou, now)
+  if rest ~= 0 then
+    emit(bal, 'overage.period_closed', 'overage.period_closed:' .. o .. ':' .. meter .. ':'
+      .. gop, o, {meter = unesc(meter), amount_micros = I(rest), overage_tokens = I(ou)}, now)
+  end
+  redis.call('HSET', bal, 'oub', '0')
+  redis.call('HDEL', bal, 'gop')
+end
+
+local function gauge_overage_events(ctx, ow, o, now)
+  local billed = ctx.billed or 0
+  ctx.billed = 0
+  ctx.ovfirst = false
+  if billed == 0 and not ctx.ohas then return end  -- no overage: nothing to bill or close
+  local anchor = ctx.anchor
+  if anchor == nil then anchor = redis.call('HGET', ctx.cfg, 'anchor') end
+  local gp, _, gpend = period_of(now, math.max(1, N(anchor)))
+  local v = redis.call('HMGET', ctx.bal, 'gop', 'oub')
+  local gop = v[1]
+  if gop and tonumber(gop) ~= gp then  -- the period it accrued in has ended
+    gauge_close(ctx.bal, o, ctx.meter, gop, N(v[2]), ow.ou, now)
+    gop = false
+  end
+  if billed == 0 then return end
+  local unbilled = N(redis.call('HINCRBY', ctx.bal, 'oub', I(billed)))
+  if not gop then
+    redis.call('HSET', ctx.bal, 'gop', I(gp))
+    redis.call('ZADD', shard_prefix(ctx.bal) .. 'ovc', I(gpend), o .. '|' .. ctx.meter)
+  end
+  overage_threshold(ctx, o, unbilled, ow.ou, now)
+end
+
 local function overage_events(ctx, now)
   local ow = ctx.org
   if not ow then return end
   local o = org_of(ctx)
-  if ow.rolled and ctx.kind ~= 'g' then
+  if ctx.kind == 'g' then return gauge_overage_events(ctx, ow, o, now) end
+  if ow.rolled then
     local rest = N(redis.call('HGET', ctx.bal, 'oub'))
     -- (a rest below 0 is a credit: overage billed at a threshold, then refunded)
     if rest ~= 0 or N(ow.prev_ou) > 0 then
@@ -1120,18 +1169,11 @@ local function overage_events(ctx, now)
   local billed = ctx.billed or 0
   ctx.billed = 0
   local unbilled = (billed ~= 0) and N(redis.call('HINCRBY', ctx.bal, 'oub', I(billed))) or 0
-  if (first or (billed > 0 and unbilled == billed)) and ctx.kind ~= 'g'
-      and (ctx.pend or 0) > 0 then
+  if (first or (billed > 0 and unbilled == billed)) and (ctx.pend or 0) > 0 then
     redis.call('ZADD', shard_prefix(ctx.bal) .. 'ovc', I(ctx.pend), o .. '|' .. ctx.meter)
   end
   if billed == 0 then return end
-  if ctx.obill_every > 0 and unbilled >= ctx.obill_every then
-    local seq = N(redis.call('HINCRBY', ctx.bal, 'evseq', 1))
-    emit(ctx.bal, 'overage.threshold_reached', 'overage.threshold_reached:' .. o .. ':'
-      .. ctx.meter .. ':' .. I(seq), o, {meter = unesc(ctx.meter), amount_micros = I(unbilled),
-      overage_tokens = I(ow.ou)}, now)
-    redis.call('HSET', ctx.bal, 'oub', '0')
-  end
+  overage_threshold(ctx, o, unbilled, ow.ou, now)
 end
 
 -- Auto top-up: when what the org wallet has free (monthly + top-up, after holds) falls
@@ -1190,11 +1232,21 @@ local function close_periods(pre, now, limit, maxlen)
     local org_e, meter = string.match(due[k], '^(.*)|(.*)$')
     local cfg = pre .. 'org:' .. org_e
     if org_e and redis.call('EXISTS', cfg) == 1 then
-      local ctx = {cfg = cfg, bal = pre .. 'bal:' .. org_e .. ':' .. meter, te = '', se = '',
-        meter = meter, kind = 'c', now = now, maxlen = maxlen}
-      local ws = chain_load(ctx)
-      chain_save(ctx, ws)
-      after_change(ctx, now, false)
+      local bal = pre .. 'bal:' .. org_e .. ':' .. meter
+      local gv = redis.call('HMGET', bal, 'gop', 'oub', 'w')
+      if gv[1] then  -- a gauge's overage (gauge_overage_events): no wallet to roll
+        local gp = period_of(now, math.max(1, N(redis.call('HGET', cfg, 'anchor'))))
+        if tonumber(gv[1]) ~= gp then
+          local w = gv[3] and wallet_unpack(gv[3])
+          gauge_close(bal, org_e, meter, gv[1], N(gv[2]), w and w[11] or 0, now)
+        end
+      else
+        local ctx = {cfg = cfg, bal = bal, te = '', se = '', meter = meter, kind = 'c',
+          now = now, maxlen = maxlen}
+        local ws = chain_load(ctx)
+        chain_save(ctx, ws)
+        after_change(ctx, now, false)
+      end
     end
     -- after the touch: one that used overage again in a new period re-added itself
     if N(redis.call('ZSCORE', idx, due[k])) <= now then redis.call('ZREM', idx, due[k]) end
