@@ -15,10 +15,24 @@ local te, se, meter, kind, maxlen = ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber
 
 local anchor = redis.call('HGET', cfg, 'anchor')
 if anchor == false then return {'ERR', 'NOT_FOUND', 'org_id', 'no such org'} end
+-- A repeat is known by the purchase as it was asked for (meter, amount, team as given,
+-- seat), recorded with the team it went to: a retry after the seat moved to another team
+-- is the same purchase, answered with the balances of the seat's team now.
+local prev = redis.call('HGET', purchases, pid_e)
+local repeat_of = false
+if prev then
+  local pm, pa, pt, ps = string.match(prev, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+  -- (a seat's team may be left out, or be the one it had; a team's must be the same)
+  if not (pm == meter and pa == I(amount) and ps == se
+      and (te == pt or (se ~= '' and te == ''))) then
+    return {'ERR', 'INVALID_ARGUMENT', 'purchase_id', 'purchase_id was already used for a different top-up'}
+  end
+  repeat_of = prev
+end
 if se ~= '' then
   local st = redis.call('HGET', cfg, 's:' .. se)
   if st == false then return {'ERR', 'NOT_FOUND', 'seat_id', 'no such seat'} end
-  if te ~= '' and st ~= te then
+  if te ~= '' and st ~= te and not repeat_of then
     return {'ERR', 'INVALID_ARGUMENT', 'team_id', 'the seat is not in this team'}
   end
   te = st
@@ -35,14 +49,9 @@ else
   ctx.pid, ctx.pstart, ctx.pend = period_of(now, math.max(1, tonumber(anchor)))
 end
 local what = meter .. '|' .. I(amount) .. '|' .. te .. '|' .. se
-local prev = redis.call('HGET', purchases, pid_e)
 local applied = 0
 local ws = chain_load(ctx)
-if prev then
-  if prev ~= what then
-    return {'ERR', 'INVALID_ARGUMENT', 'purchase_id', 'purchase_id was already used for a different top-up'}
-  end
-else
+if not repeat_of then
   local w = ws[1]
   w.tb = w.tb + amount; w.dirty = true
   ctx.d = settle_debt(ctx.org, ctx.d)
