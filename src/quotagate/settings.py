@@ -3,6 +3,7 @@ A bad value raises ConfigError naming the variable."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -128,7 +129,12 @@ class Settings(BaseSettings):
     @property
     def loopback(self) -> bool:
         host = self.listen.rpartition(":")[0].strip("[]")
-        return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+        if host == "localhost":
+            return True
+        try:  # an address: 127.0.0.0/8 or ::1; not a host name like "127.example.com"
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
 
 def apply_grpc_io(settings: Settings, environ: Any = None) -> str:

@@ -33,7 +33,14 @@ Rules:
   in the key's scope (Envoy sends the key as ``initial_metadata`` of its gRPC service).
 - Any other service: an ``admin`` key scoped to ``"*"``.
 
-No or unknown key: UNAUTHENTICATED. A known key that may not do this: PERMISSION_DENIED.
+No or unknown key, or two authorization headers: UNAUTHENTICATED. A known key that may
+not do this: PERMISSION_DENIED. A request that does not decode runs nothing: after the key
+(and its role, for AdminService) it is answered INVALID_ARGUMENT. A server stream
+(WatchStatus, WatchEvents) is checked again at its next message once the keys were
+reloaded, so a revoked or re-scoped key's stream ends there.
+
+A key listed twice (the same sha256) and a field that is not a string are ConfigErrors
+naming QUOTAGATE_API_KEYS_FILE.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from quotagate.errors import (
     Unavailable,
 )
 from quotagate.ledger.keys import Keys, escape, unescape
+from quotagate.server.decoding import Undecodable
 from quotagate.server.status import to_status
 
 log = logging.getLogger(__name__)
@@ -101,6 +109,9 @@ def _entry(i: int, e: Any) -> ApiKey:
     unknown = set(e) - {"name", "sha256", "role", "org", "team"}
     if unknown:
         raise ConfigError(f"{where} has unknown field(s) {sorted(unknown)}", KEYS_VAR)
+    for f in sorted(e):  # `org = ["a", "b"]` is no scope of two orgs: refused, not str()-ed
+        if not isinstance(e[f], str):
+            raise ConfigError(f"{where}.{f} must be a string", KEYS_VAR)
     digest = str(e.get("sha256", "")).strip().lower()
     try:
         raw = bytes.fromhex(digest)
@@ -139,7 +150,14 @@ def load_keys(path: str | Path) -> list[ApiKey]:
     entries = data.get("keys", []) if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{p} defines no keys", KEYS_VAR)
-    return [_entry(i, e) for i, e in enumerate(entries)]
+    keys = [_entry(i, e) for i, e in enumerate(entries)]
+    first: dict[bytes, int] = {}
+    for i, k in enumerate(keys):  # one key twice: which role and org would depend on order
+        if k.sha256 in first:
+            raise ConfigError(f"keys[{i}] has the same sha256 as keys[{first[k.sha256]}]: "
+                              "list each key once", KEYS_VAR)
+        first[k.sha256] = i
+    return keys
 
 
 class KeyRing:
@@ -171,6 +189,10 @@ class KeyRing:
         """Read the file again if it changed since it was last read; True when the keys
         in force changed."""
         stamp = self._stat()
+        if self.path is not None and stamp is None and self._stamp is not None:
+            log.error("API keys file %s is gone: the keys in force stay until it is back "
+                      "(to revoke every key, stop the server)", self.path)
+            self._stamp = None  # logged once per disappearance
         if self.path is None or stamp is None or stamp == self._stamp:
             return False
         self._stamp = stamp
@@ -234,13 +256,17 @@ def server_credentials(settings: Any) -> grpc.ServerCredentials | None:
 
 # -- the interceptor -----------------------------------------------------------------
 def bearer(metadata: Sequence[Any] | None) -> str:
-    for item in metadata or ():
-        k, v = item[0], item[1]
-        if k.lower() == "authorization":
-            value = v.decode() if isinstance(v, bytes) else str(v)
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == "bearer":
-                return token.strip()
+    """The key of the one `authorization: Bearer <key>` header; "" when there is none.
+    Two authorization headers are refused (which one counts would be up to whoever added
+    the second, a proxy or the caller)."""
+    values = [item[1] for item in metadata or () if item[0].lower() == "authorization"]
+    if len(values) > 1:
+        raise Unauthenticated("more than one authorization header: send exactly one")
+    for v in values:
+        value = v.decode() if isinstance(v, bytes) else str(v)
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return token.strip()
     return ""
 
 
@@ -297,6 +323,12 @@ class Authorizer:
     async def authorize(self, key: ApiKey, method: str, request: Any) -> None:
         service, _, name = method.rpartition("/")
         service += "/"
+        if request.__class__ is Undecodable:  # nothing of it runs: INVALID_ARGUMENT
+            if service == ADMIN and key.role != "admin" and not (
+                    key.role == "team_lead" and name == "UpsertSeat"):
+                raise PermissionDenied(f"{name} needs an admin API key (key {key.name!r} "
+                                       f"is {key.role})")
+            return
         if service == QUOTA:
             if name in BY_RESERVATION:
                 if key.org == "*":
@@ -416,8 +448,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             await self._check(method, metadata, request, context)
             stream = inner(request, context)
             if hasattr(stream, "__aiter__"):
-                async for msg in stream:
-                    yield msg
+                ring = self.auth.keyring
+                keys = ring.keys
+                try:
+                    async for msg in stream:
+                        if ring.keys is not keys:  # reloaded: a revoked key gets no more
+                            keys = ring.keys
+                            await self._check(method, metadata, request, context)
+                        yield msg
+                finally:
+                    if hasattr(stream, "aclose"):
+                        await stream.aclose()
             elif inspect.isawaitable(stream):  # a handler that writes with context.write
                 await stream
             else:
