@@ -104,6 +104,9 @@ class _Lane:
     listeners: bool  # the in-process listeners run in this lane
     ready: set[int] = field(default_factory=set)
     claim_cursor: dict[int, str] = field(default_factory=dict)
+    #: shards whose group vanished under this lane (NOGROUP: the stream was deleted,
+    #: Redis lost its data): recreated from the stream's start, not as a URL added later
+    lost: set[int] = field(default_factory=set)
 
 
 class Notifier:
@@ -174,7 +177,8 @@ class Notifier:
                 if lane.group in existing[s]:
                     lane.ready.add(s)
                     continue
-                started = any(g.startswith(GROUP) for g in existing[s])
+                started = any(g.startswith(GROUP) for g in existing[s]) \
+                    and s not in lane.lost  # another lane may have recreated its own
                 pipe.xgroup_create(self.keys.events(s), lane.group,
                                    id="$" if started else self.opt.start_id, mkstream=True)
                 creates.append((lane, s))
@@ -185,10 +189,12 @@ class Notifier:
             if isinstance(r, Exception) and "BUSYGROUP" not in str(r):
                 raise r
             lane.ready.add(s)
+            lane.lost.discard(s)
 
     def _lost_group(self, lane: _Lane, shard: int, err: Exception) -> None:
         if "NOGROUP" in str(err):  # the stream was deleted: recreate the group next time
             lane.ready.discard(shard)
+            lane.lost.add(shard)
         else:
             log.warning("notifier: reading shard %d failed: %s", shard, err)
 
@@ -243,8 +249,15 @@ class Notifier:
         work: dict[int, list[Entry]] = await self._claim(lane) if claim else {}
         for s, entries in (await self._read_new(lane)).items():
             work.setdefault(s, []).extend(entries)
-        done = await asyncio.gather(*(self._shard(lane, s, e) for s, e in work.items()))
-        return {(s, i) for s, ids in zip(work, done, strict=True) for i in ids}
+        # every shard's deliveries end before the pass does, even when one fails: a shard
+        # still delivering while the next pass reads that shard again would break its order
+        done = await asyncio.gather(*(self._shard(lane, s, e) for s, e in work.items()),
+                                    return_exceptions=True)
+        for r in done:
+            if isinstance(r, BaseException):
+                raise r
+        return {(s, i) for s, ids in zip(work, done, strict=True)
+                for i in ids}  # type: ignore[union-attr]
 
     async def _shard(self, lane: _Lane, shard: int, entries: Sequence[Entry]) -> list[str]:
         """One shard's entries in stream order (per-org order is kept for receivers)."""

@@ -15,6 +15,7 @@ import random
 import time
 import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 USER_AGENT = "quotagate-notifier/1"
@@ -58,7 +59,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> in
         resp = conn.getresponse()
         resp.read(65536)
         status = resp.status
-    except (OSError, http.client.HTTPException) as e:
+    except (OSError, http.client.HTTPException, ValueError) as e:  # ValueError: a header
         raise DeliveryError(f"{type(e).__name__}: {e}") from e
     finally:
         conn.close()
@@ -80,6 +81,18 @@ class RetryPolicy:
         return float(d / 2 + random.uniform(0, d / 2))
 
 
+def header_value(v: str) -> str:
+    """`v` as an HTTP header value: printable ASCII as it is (every id the scripts
+    write), anything else percent-encoded (http.client refuses non-Latin-1 and CR/LF)."""
+    return "".join(c if " " <= c <= "~" else urllib.parse.quote(c, safe="") for c in v)
+
+
+#: POSTs in flight at once per URL; each URL has threads of its own, so a receiver that
+#: hangs until the timeout holds up only its own deliveries (asyncio's default pool, of
+#: min(32, cores + 4) threads, is shared with the SQLite sink and everything else)
+THREADS_PER_URL = 16
+
+
 class Sender:
     """Posts one body to one URL until it succeeds or the attempts run out."""
 
@@ -89,13 +102,21 @@ class Sender:
         self.policy = policy
         self.timeout_s = timeout_s
         self.wall = wall
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+
+    def _pool(self, url: str) -> ThreadPoolExecutor:
+        pool = self._pools.get(url)
+        if pool is None:
+            pool = self._pools[url] = ThreadPoolExecutor(THREADS_PER_URL, "webhook")
+        return pool
 
     def headers(self, body: bytes, event_id: str, event_type: str) -> dict[str, str]:
         ts = int(self.wall())
         return {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                 "X-Quotagate-Timestamp": str(ts),
                 "X-Quotagate-Signature": sign(self.secret, ts, body),
-                "X-Quotagate-Event-Id": event_id, "X-Quotagate-Event-Type": event_type}
+                "X-Quotagate-Event-Id": header_value(event_id),
+                "X-Quotagate-Event-Type": header_value(event_type)}
 
     async def send(self, url: str, body: bytes, event_id: str, event_type: str) -> str:
         """Returns "" when delivered, else the last error (after every attempt failed)."""
@@ -103,7 +124,8 @@ class Sender:
         for attempt in range(1, self.policy.attempts + 1):
             headers = self.headers(body, event_id, event_type)  # fresh timestamp each try
             try:
-                await asyncio.to_thread(post, url, body, headers, self.timeout_s)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._pool(url), post, url, body, headers, self.timeout_s)
                 return ""
             except DeliveryError as e:
                 error = str(e)

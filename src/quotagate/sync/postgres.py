@@ -42,7 +42,9 @@ _COMMITS = ("SELECT rid, meter, period FROM ledger_entries WHERE type = 'commit'
 _SNAP = ("INSERT INTO state_snapshots (redis_key, org, kind, data, updated_at) "
          "SELECT redis_key, org, kind, data, updated_at FROM qg_snapshots_in "
          "ON CONFLICT (redis_key) DO UPDATE SET org = EXCLUDED.org, kind = EXCLUDED.kind, "
-         "data = EXCLUDED.data, updated_at = EXCLUDED.updated_at")
+         "data = EXCLUDED.data, updated_at = EXCLUDED.updated_at "
+         # a syncer slow to commit must not put back an older copy over a newer one
+         "WHERE EXCLUDED.updated_at >= state_snapshots.updated_at")
 #: pg_advisory_xact_lock key serialising concurrent migrators ("qgmigr")
 _MIGRATE_LOCK = 0x7167_6D69_6772
 
@@ -60,6 +62,13 @@ class PostgresSink:
 
     async def _conn(self, role: str) -> psycopg.AsyncConnection[Any]:
         conn = self._conns.get(role)
+        if conn is not None and not conn.closed and \
+                conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            # a caller cancelled mid-query or mid-transaction (a syncer stopped, a
+            # ListUsage whose client gave up) left it busy: every later use would fail
+            # with "another command is already in progress". The server rolls back
+            # what was not committed once the session is gone.
+            await conn.close()
         if conn is None or conn.closed or conn.broken:
             conn = await psycopg.AsyncConnection.connect(self.url,
                                                          connect_timeout=self.connect_timeout)

@@ -216,9 +216,45 @@ def entry_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str,
     return f
 
 
+#: what a BIGINT column holds (amounts above 2^50 are refused by the scripts anyway)
+_BIGINT = 2**63 - 1
+
+
 def entry_of(shard: int, stream_id: bytes | str,
              fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Entry:
-    """A stream entry as the row to store (ids unescaped, net usage, UTC day)."""
+    """A stream entry as the row to store (ids unescaped, net usage, UTC day). Never
+    raises: an entry that cannot be read or stored as written (not UTF-8, an undecodable
+    escape, a NUL, a time or amount out of range: an older build's, a hand-made XADD)
+    is stored as type `invalid` with no usage and its fields in `raw`, so that one bad
+    entry never fails its batch, and with it every shard's sync, forever."""
+    try:
+        e = _entry_of(shard, stream_id, fields)
+        if abs(e.amount) > _BIGINT or abs(e.at_ms) > _BIGINT or "\x00" in "".join(
+                str(v) for v in e.row() if isinstance(v, str)):
+            raise ValueError("out of range or NUL")
+        return e
+    except (ValueError, OverflowError, OSError) as err:  # UnicodeError is a ValueError
+        return invalid_entry(shard, stream_id, fields, err)
+
+
+def invalid_entry(shard: int, stream_id: bytes | str,
+                  fields: Mapping[bytes, bytes] | Mapping[str, str],
+                  err: BaseException) -> Entry:
+    """The row of an entry `entry_of` cannot read: its fields (undecodable bytes
+    escaped) and the error in `raw`, no usage, the time of its stream id."""
+    def text(v: bytes | str) -> str:
+        return v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v
+
+    sid = text(stream_id)
+    at = int(sid.split("-")[0])
+    raw = {text(k): text(v) for k, v in fields.items()}
+    raw["_invalid"] = f"{type(err).__name__}: {err}"
+    return Entry(f"{shard}-{sid}", shard, sid, "invalid", "", "", "", "", "", "", "", "", 0,
+                 0, at, day_of(at), json.dumps(raw, sort_keys=True))
+
+
+def _entry_of(shard: int, stream_id: bytes | str,
+              fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Entry:
     f = entry_fields(fields)
     sid = _text(stream_id)
     kind = f.get("type", "")

@@ -28,7 +28,9 @@ _PERIOD_TOTALS = (f"INSERT INTO period_totals ({', '.join(sk.PERIOD_COLUMNS)}, a
                   "DO UPDATE SET amount = period_totals.amount + excluded.amount")
 _SNAP = ("INSERT INTO state_snapshots (redis_key, org, kind, data, updated_at) "
          "VALUES (?, ?, ?, ?, ?) ON CONFLICT (redis_key) DO UPDATE SET org = excluded.org, "
-         "kind = excluded.kind, data = excluded.data, updated_at = excluded.updated_at")
+         "kind = excluded.kind, data = excluded.data, updated_at = excluded.updated_at "
+         # a syncer slow to commit must not put back an older copy over a newer one
+         "WHERE excluded.updated_at >= state_snapshots.updated_at")
 
 
 def _chunks(items: Sequence[str], n: int = 500) -> list[Sequence[str]]:

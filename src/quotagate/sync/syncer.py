@@ -88,7 +88,11 @@ class _Batch:
             s = sid.decode() if isinstance(sid, bytes) else str(sid)
             self.ids.setdefault(shard, []).append(s)
             if fields:  # an entry deleted while pending comes back without fields
-                self.entries.append(entry_of(shard, s, fields))
+                e = entry_of(shard, s, fields)
+                if e.type == "invalid":  # stored with no usage, never retried forever
+                    log.warning("ledger entry %s is malformed, stored as invalid: %s",
+                                e.entry_id, e.raw)
+                self.entries.append(e)
 
 
 def _text(v: Any) -> str:
