@@ -155,19 +155,18 @@ async def test_a_hanging_receiver_does_not_delay_another_url(redis: Any, hook: H
     SQLite sink and the embedded Redis's revival): the hanging URL's requests, one per
     shard, filled it, and the healthy URL waited behind them."""
     orgs = org_per_shard()
-    with Hook(lambda n, b: (204, 30.0)) as hang:
-        n = notifier(redis, [hang.url, hook.url], timeout_ms=3000,
+    # the hanging URL's POSTs time out after 60 s, and it answers none before then: the
+    # healthy URL must get everything (within 30 s) while they all still wait
+    with Hook(lambda n, b: (204, 120.0)) as hang:
+        n = notifier(redis, [hang.url, hook.url], timeout_ms=60_000,
                      retry=RetryPolicy(1, 2, 2))
         await n.ensure_groups()
         task = asyncio.create_task(n.run())
         try:
             await asyncio.sleep(0.05)
-            t0 = time.monotonic()
             ids = [await xadd(redis, "wallet.low", org, {"meter": "m"}) for org in orgs]
-            await hook.wait_ids(len(ids))
-            took = time.monotonic() - t0
+            await hook.wait_ids(len(ids), within=30.0)
             assert sorted(hook.ids()) == sorted(ids)
-            assert took < 2.0, f"the healthy URL waited {took:.1f} s behind the hanging one"
             hook.assert_well_formed()
         finally:
             hang.stop.set()

@@ -373,10 +373,14 @@ async def test_two_syncers_at_once_count_each_entry_once(
         tasks = [asyncio.ensure_future(s.run()) for s in (one, two)]
         written: dict[str, dict[str, bytes]] = {}
         work = Workload(ledger, seed=5)
-        for _ in range(12):
+        # at least 12 rounds of traffic, and on until both syncers have stored some (on a
+        # busy machine one may get the first rounds all to itself)
+        for i in range(120):
             await work.run(40)
             written.update(await capture(redis, ledger))
             await asyncio.sleep(0.01)
+            if i >= 11 and one.total.inserted and two.total.inserted:
+                break
         await work.settle()
         written.update(await capture(redis, ledger))
         deadline = time.monotonic() + 30
