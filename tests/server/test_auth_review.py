@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import stop_or_report
+from conftest import Grpc, stop_or_report
 from quotagate.app import App
 from quotagate.clock import ManualClock
 from quotagate.envoy import ratelimit_pb2, rls_pb2, rls_pb2_grpc
@@ -532,3 +532,26 @@ async def test_fail_open_settles_no_other_orgs_hold(tmp_path: Path, clock: Manua
         if app is not None:
             await stop_or_report(app)
         own.close()
+
+
+def test_a_team_lead_key_scoped_to_every_org_is_refused(tmp_path: Path) -> None:
+    """A team lead's team is a team of one org: `org = "*"` would let it set the seats of
+    a team of that name in every org."""
+    p = tmp_path / "keys.toml"
+    p.write_text(f'[[keys]]\nname = "lead"\nsha256 = "{sha("x")}"\nrole = "team_lead"\n'
+                 'org = "*"\nteam = "sales"\n')
+    with pytest.raises(ConfigError) as e:
+        load_keys(p)
+    assert e.value.field == "QUOTAGATE_API_KEYS_FILE" and "keys[0].org" in str(e.value)
+
+
+async def test_no_org_may_be_named_like_every_org(server: Grpc, redis: Any) -> None:
+    """"*" in an API key means every org: an org of that name would be reachable by the
+    keys of every org's scope, so UpsertOrg refuses it and creates nothing."""
+    from quotagate.v1 import admin_pb2
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await server.admin.UpsertOrg(admin_pb2.UpsertOrgRequest(org_id="*", plan="pro"))
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "org_id" in e.value.details()
+    assert not [k for k in await redis.keys("*") if b"org:%2A" in k or k.endswith(b"org:*")]

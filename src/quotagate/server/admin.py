@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from quotagate.errors import InvalidArgument
 from quotagate.ledger import model
 from quotagate.ledger.store import Ledger
 from quotagate.server import convert as cv
@@ -82,6 +83,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     @translated
     async def UpsertOrg(self, request: admin_pb2.UpsertOrgRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.UpsertOrgResponse:
+        if request.org_id == "*":  # API keys scoped to "*" mean every org
+            raise InvalidArgument('"*" is reserved (an API key scoped to it means every '
+                                  'org)', "org_id")
         created = await self.ledger.upsert_org(request.org_id, request.plan, request.seats,
                                                request.period_anchor_day,
                                                _flag(request, "ai_enabled"))

@@ -129,6 +129,9 @@ def _entry(i: int, e: Any) -> ApiKey:
     team = str(e.get("team", ""))
     if role == "team_lead" and not team:
         raise ConfigError(f"{where}.team is required for a team_lead key", KEYS_VAR)
+    if role == "team_lead" and org == "*":  # its team is a team of one org
+        raise ConfigError(f"{where}.org of a team_lead key must be one org, not \"*\"",
+                          KEYS_VAR)
     return ApiKey(str(e.get("name", f"key{i}")), raw, role, org, team)
 
 
