@@ -579,9 +579,6 @@ async def test_remaining_is_exactly_what_a_reserve_gets_and_check_agrees(
         assert p.decision is Decision.DENIED
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: GetBalance and Check count a hold past "
-                   "its TTL until the sweeper (default every second) or a blocked Reserve "
-                   "releases it; test_stateful's model relies on GetBalance not sweeping")
 async def test_get_balance_counts_no_hold_past_its_ttl_that_reserve_would_release(
         ledger: Ledger, clock: ManualClock) -> None:
     """A hold past its TTL is released by the first Reserve it would block: what GetBalance
@@ -597,6 +594,46 @@ async def test_get_balance_counts_no_hold_past_its_ttl_that_reserve_would_releas
     r = await ledger.reserve(org, [Charge(M, 1_000)], idempotency_key="r")
     assert r.decision is Decision.GRANTED  # the expired hold does not block it
     assert (c.balances[0].remaining, b.remaining) == (1_000, 1_000), (c, b)
+
+
+@pytest.mark.parametrize("first", ["get_balance", "check", "transfer", "adjust"])
+async def test_a_hold_past_its_ttl_is_released_once_by_whichever_call_meets_it_first(
+        ledger: Ledger, clock: ManualClock, redis: Any, first: str) -> None:
+    """GetBalance, Check, Transfer and Adjust each release the shard's expired holds before
+    they look at a wallet, as a Reserve would: none of them sees the tokens of a hold that
+    no longer stands, and the tokens come back exactly once (one expire entry, nothing
+    left for the sweeper)."""
+    await ledger.upsert_plan("p", [Allowance(M, 1_000)])
+    await ledger.upsert_org("o", "p")
+    await ledger.upsert_team("o", "red")
+    org, team = Subject("o"), Subject("o", "red")
+    h = await ledger.reserve(org, [Charge(M, 600)], idempotency_key="h", ttl_seconds=60)
+    assert h.decision is Decision.GRANTED
+    clock.advance(61_000)  # expired; the sweeper has not run
+    if first == "get_balance":
+        assert (await bal(ledger, org)).remaining == 1_000
+    elif first == "check":
+        c = await ledger.check(org, M)
+        assert c.active and c.balances[0].remaining == 1_000
+    elif first == "transfer":  # all of the month's 1,000 is free again
+        src, _ = await ledger.transfer("o", M, 1_000, "monthly", idempotency_key="x",
+                                       to_team_id="red")
+        assert src.remaining == 0
+    else:  # taking 1,000 back leaves no debt: the hold's 600 were free again
+        (o,) = await ledger.adjust("o", M, -1_000, "correction", idempotency_key="a")
+        assert (o.remaining, o.reserved) == (0, 0)
+    shard = ledger.keys.shard_of("o")
+    assert await ledger.sweep(shard) == 0  # nothing left due
+    entries = [entry_fields(f) for _, f in await redis.xrange(ledger.keys.ledger(shard))]
+    expired = [e for e in entries if e.get("rid") == h.reservation_id
+               and e["type"] == "expire"]
+    assert len(expired) == 1, entries
+    o = await bal(ledger, org)
+    assert o.reserved == 0
+    want = {"get_balance": 1_000, "check": 1_000, "transfer": 0, "adjust": 0}[first]
+    assert o.remaining == want
+    if first == "transfer":
+        assert (await bal(ledger, team)).remaining == 1_000
 
 
 # -- (8) Envoy's ShouldRateLimit: charged at once, once, never over a limit --------------------

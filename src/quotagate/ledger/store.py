@@ -472,9 +472,11 @@ class Ledger:
         for i, m in enumerate(names):
             validate.meter(self.catalog, m, f"meters[{i}]")
         k = self.keys
+        shard, pre, _ = k.org_parts(subject.org_id)
         argv: list[Any] = [self.clock.now_ms(), escape(subject.team_id),
-                           escape(subject.seat_id), escape(subject.assistant_id), len(names)]
-        keys = [k.cfg(subject.org_id)]
+                           escape(subject.seat_id), escape(subject.assistant_id),
+                           self.opt.retain_ms, self.opt.ledger_maxlen, pre, len(names)]
+        keys = [k.cfg(subject.org_id), k.expiries(shard), k.ledger(shard)]
         for m in names:
             keys.append(k.bal(subject.org_id, m))
             argv += [self._emeter[m], self._kind[m]]
@@ -699,9 +701,9 @@ class Ledger:
                                        separators=(",", ":")).encode()).hexdigest()[:32]
         reply = await self._call(self.scripts.transfer(
             keys=[k.cfg(org_id), k.bal(org_id, meter), k.idem(org_id, f"{op}:{idempotency_key}"),
-                  k.ledger(k.shard_of(org_id))],
+                  k.ledger(k.shard_of(org_id)), k.expiries(k.shard_of(org_id))],
             args=[op, self.clock.now_ms(), self._emeter[meter], self._kind[meter], fp,
-                  ADMIN_RETAIN_MS, self.opt.ledger_maxlen, *args]))
+                  ADMIN_RETAIN_MS, self.opt.ledger_maxlen, self.opt.retain_ms, *args]))
         _raise_if_error(reply)
         return bool(_i(reply[1])), tuple(_balance(b) for b in reply[2])
 

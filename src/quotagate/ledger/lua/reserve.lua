@@ -206,6 +206,8 @@ local function decide(wss)
   return nil, grants
 end
 
+-- Check reports what a Reserve would get: holds past their TTL go back first.
+if mode == 'C' then sweep_shard(pre, now, 8, ledger, maxlen, retain) end
 local wss = load_all(ctxs)
 local grants
 why, grants = decide(wss)

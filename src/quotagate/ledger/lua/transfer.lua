@@ -3,14 +3,16 @@
 --
 -- KEYS[1]  the org's configuration hash   KEYS[2] balance hash of the meter
 -- KEYS[3]  idempotency record              KEYS[4] the shard's ledger stream
+-- KEYS[5]  the shard's expiry index (zset)
 -- ARGV[1]  op: transfer | adjust   ARGV[2] now (ms)   ARGV[3] meter (escaped)
 -- ARGV[4]  kind ('c' | 'g')   ARGV[5] request fingerprint   ARGV[6] idempotency TTL (ms)
--- ARGV[7]  ledger MAXLEN
--- transfer: ARGV[8] from team  ARGV[9] from seat  ARGV[10] to team  ARGV[11] to seat
---           (escaped, '' = the org wallet)  ARGV[12] amount  ARGV[13] bucket 'm' | 't'
--- adjust:   ARGV[8] delta (may be negative)  ARGV[9] reason
+-- ARGV[7]  ledger MAXLEN      ARGV[8] retention of resolved holds (ms)
+-- transfer: ARGV[9] from team  ARGV[10] from seat  ARGV[11] to team  ARGV[12] to seat
+--           (escaped, '' = the org wallet)  ARGV[13] amount  ARGV[14] bucket 'm' | 't'
+-- adjust:   ARGV[9] delta (may be negative)  ARGV[10] reason
 -- Returns {'OK', replayed (0|1), {{MeterBalance…}, …}} or {'ERR', code, field, msg}.
--- A transfer never moves more than the source has free (held tokens stay put);
+-- A transfer never moves more than the source has free (held tokens stay put; holds
+-- past their TTL, up to 8 of the shard's, are released first, as a Reserve would);
 -- transferred monthly tokens still end with the period, top-ups never do.
 
 local cfg, bal, idem, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -64,11 +66,17 @@ if prev then
 end
 
 local org_e = string.match(cfg, '^.-}:org:(.*)$')
+-- Holds past their TTL give their tokens back before anything is moved or taken (once
+-- the request is known to be valid: a refused one changes nothing).
+local function release_expired()
+  sweep_shard(shard_prefix(ledger), now, 8, ledger, maxlen, tonumber(ARGV[8]))
+end
 
 if op == 'adjust' then
-  local delta, reason = tonumber(ARGV[8]), ARGV[9]
+  local delta, reason = tonumber(ARGV[9]), ARGV[10]
   local who = {te = '', se = ''}
   if not prev then
+    release_expired()
     local ctx = {cfg = cfg, bal = bal, te = '', se = '', meter = meter, kind = kind,
       pid = pid, pstart = pstart, pend = pend, maxlen = maxlen}
     local ws = chain_load(ctx)
@@ -97,21 +105,22 @@ if op == 'adjust' then
 end
 
 -- transfer
-local src, err = resolve(ARGV[8], ARGV[9], 'from_team_id', 'from_seat_id')
+local src, err = resolve(ARGV[9], ARGV[10], 'from_team_id', 'from_seat_id')
 if not src then return err end
-local dst, err2 = resolve(ARGV[10], ARGV[11], 'to_team_id', 'to_seat_id')
+local dst, err2 = resolve(ARGV[11], ARGV[12], 'to_team_id', 'to_seat_id')
 if not dst then return err2 end
-local amount, bucket = tonumber(ARGV[12]), ARGV[13]
+local amount, bucket = tonumber(ARGV[13]), ARGV[14]
 local function key_of(w) if w.se ~= '' then return 'S' .. w.se end
   if w.te ~= '' then return 'T' .. w.te end return 'O' end
 if key_of(src) == key_of(dst) then
   -- named by the destination's field: the seat when one was given
-  return {'ERR', 'INVALID_ARGUMENT', ARGV[11] ~= '' and 'to_seat_id' or 'to_team_id',
+  return {'ERR', 'INVALID_ARGUMENT', ARGV[12] ~= '' and 'to_seat_id' or 'to_team_id',
     'source and destination are the same wallet'}
 end
 
 local src_before = nil
 if not prev then
+  release_expired()
   -- Load every wallet involved once (the two chains may share wallets).
   local ctx = {cfg = cfg, bal = bal, te = src.te, se = src.se, meter = meter, kind = kind,
     pid = pid, pstart = pstart, pend = pend, maxlen = maxlen}
