@@ -63,7 +63,11 @@ def reason_name(code: int) -> str:
     """DENY_REASON_INSUFFICIENT_BALANCE -> "insufficient_balance"; "" when granted."""
     if not code:
         return ""
-    return str(common_pb2.DenyReason.Name(code)).removeprefix("DENY_REASON_").lower()
+    try:
+        name = str(common_pb2.DenyReason.Name(code))
+    except ValueError:  # a reason added to the API after this client was built
+        return f"unknown_{code}"
+    return name.removeprefix("DENY_REASON_").lower()
 
 
 class Calls:
@@ -86,14 +90,23 @@ class Calls:
 
     def commit(self, reservation_id: str, actual: Amounts | None = None,
                labels: Mapping[str, str] | None = None) -> Any:
-        """Charge what was used ({meter: amount}); None: exactly what was held."""
+        """Charge what was used ({meter: amount}); None: exactly what was held. An empty
+        mapping is refused (ValueError): on the wire it would charge everything held; to
+        charge nothing name each meter with 0."""
+        if actual is not None and not actual:
+            raise ValueError("actual is empty, which would charge everything held: pass None "
+                             "for that, or each meter with 0 to charge nothing")
         return self._call("Commit", quota_pb2.CommitRequest(
             reservation_id=reservation_id, actual=charges_pb(actual),
             labels=dict(labels or {})))
 
     def refund(self, reservation_id: str, amount: Amounts | None = None,
                reason: str = "") -> Any:
-        """Give the hold back (None: all of it; after a Commit at most what it charged)."""
+        """Give the hold back (None: all of it; after a Commit at most what it charged).
+        An empty mapping is refused (ValueError): on the wire it would give back all."""
+        if amount is not None and not amount:
+            raise ValueError("amount is empty, which would refund everything: pass None "
+                             "for that")
         return self._call("Refund", quota_pb2.RefundRequest(
             reservation_id=reservation_id, amount=charges_pb(amount), reason=reason))
 
@@ -145,7 +158,8 @@ class Outcome:
         return self.response.reservation_id if self.response is not None else ""
 
     def use(self, actual: Amounts) -> None:
-        """What the work really used ({meter: amount}); committed when the block ends."""
+        """What the work really used ({meter: amount}; a held meter left out used 0);
+        committed when the block ends. `use({})`: nothing was used."""
         self.actual = dict(actual)
 
     def leaving(self, exc_type: type[BaseException] | None) -> tuple[str, Any] | None:
@@ -155,4 +169,8 @@ class Outcome:
             return None
         if exc_type is not None:
             return "refund", f"failed: {exc_type.__name__}"
+        if self.actual is not None and not self.actual:
+            # nothing used: an empty `actual` on the wire would charge everything held
+            assert self.response is not None
+            return "commit", {g.meter: 0 for g in self.response.granted} or None
         return "commit", self.actual

@@ -160,14 +160,41 @@ class QuotaClient(c.Calls):
         return Reservation(self, subject, charges, kw)
 
 
+async def _to_the_end(aw: Awaitable[Any]) -> tuple[asyncio.Future[Any],
+                                                 asyncio.CancelledError | None]:
+    """Run `aw` to its end even when the task awaiting it is cancelled meanwhile: a
+    Reserve, Commit or Refund cut off on its way may have reached the server, and nobody
+    would resolve the hold it made or settle. Answers the finished future and the
+    cancellation the caller raises once it has dealt with it (None: not cancelled)."""
+    done = asyncio.ensure_future(aw)
+    cancelled: asyncio.CancelledError | None = None
+    while not done.done():
+        try:
+            await asyncio.wait((done,))
+        except asyncio.CancelledError as e:
+            cancelled = e
+    return done, cancelled
+
+
 class Reservation(c.Outcome):
-    """One Reserve and its outcome (see QuotaClient.reservation)."""
+    """One Reserve and its outcome (see QuotaClient.reservation). Each hold it makes is
+    settled once, also when the task is cancelled in the block, or while the Reserve,
+    Commit or Refund is on its way (that call is finished first, a cancelled Reserve's
+    hold refunded, then the cancellation goes on)."""
 
     _client: QuotaClient
 
     async def __aenter__(self) -> Reservation:
-        self.response = await self._client.reserve(self._subject, self._charges, **self._kw)
-        return self
+        done, cancelled = await _to_the_end(
+            self._client.reserve(self._subject, self._charges, **self._kw))
+        if cancelled is None:
+            self.response = done.result()
+            return self
+        if not done.cancelled() and done.exception() is None:
+            self.response = done.result()
+            if self.granted:  # the block will not run: give the hold back at once
+                await self._refund("cancelled")
+        raise cancelled
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -175,11 +202,38 @@ class Reservation(c.Outcome):
         if then is None:
             return
         what, arg = then
-        if what == "commit":
-            self.outcome = await self._client.commit(self.reservation_id, arg)
+        if what == "refund":
+            cancelled = await self._refund(arg)
+            if cancelled is not None and not isinstance(exc, asyncio.CancelledError):
+                raise cancelled  # cancelled while refunding: the cancellation goes on
             return
-        try:
-            self.outcome = await self._client.refund(self.reservation_id, reason=arg)
-        except grpc.aio.AioRpcError as e:  # the block's own error matters more
+        done, cancelled = await _to_the_end(self._client.commit(self.reservation_id, arg))
+        if cancelled is None:
+            self.outcome = done.result()
+            return
+        if not done.cancelled() and done.exception() is None:
+            self.outcome = done.result()
+        else:
+            log.warning("commit of %s failed while cancelled (%r); the hold expires after "
+                        "its TTL", self.reservation_id,
+                        None if done.cancelled() else done.exception())
+        raise cancelled
+
+    async def _refund(self, reason: str) -> asyncio.CancelledError | None:
+        """Refund the hold, to the end; a failure is logged (the block's own error, or
+        its cancellation, matters more). Answers the cancellation that came meanwhile."""
+        done, cancelled = await _to_the_end(
+            self._client.refund(self.reservation_id, reason=reason))
+        if done.cancelled():
+            log.warning("refund of %s was cancelled; the hold expires after its TTL",
+                        self.reservation_id)
+            return cancelled
+        e = done.exception()
+        if e is None:
+            self.outcome = done.result()
+        elif isinstance(e, grpc.aio.AioRpcError):
             log.warning("refund of %s failed (%s); the hold expires after its TTL",
                         self.reservation_id, e.code().name)
+        elif cancelled is None:
+            raise e
+        return cancelled
