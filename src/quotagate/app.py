@@ -38,9 +38,9 @@ from quotagate.server.health import Health
 from quotagate.server.quota import QuotaServicer
 from quotagate.settings import Settings
 from quotagate.sync.sink import Sink, default_url, open_sink
-from quotagate.sync.syncer import Syncer, SyncOptions
+from quotagate.sync.syncer import LagMonitor, Syncer, SyncOptions
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
-from quotagate.workers import INDEX_VAR, STATS_DIR_VAR
+from quotagate.workers import EMBEDDED_VAR, INDEX_VAR, STATS_DIR_VAR
 
 log = logging.getLogger("quotagate")
 
@@ -65,6 +65,7 @@ class App:
         self.notifier: Notifier | None = None
         self.sink: Sink | None = None
         self.syncer: Syncer | None = None
+        self.lag_monitor: LagMonitor | None = None
         self.metrics: telemetry.MetricsServer | None = None
         self.tracing: tracing.Tracing | None = None
         self.interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -109,6 +110,11 @@ class App:
         if isinstance(self.ledger.mux, ClusterMux):
             telemetry.watch_cluster(self.ledger.mux)
         self.health = Health(self.ledger)
+        # Sync health from the first answer on, in every worker: the in-process syncer's
+        # lag, else what LagMonitor reads from Redis (both start in _start_sync; until
+        # their first measurement nothing is known to lag)
+        self.health.sync_lag = self._sync_lag
+        self.health.sync_alert_seconds = s.sync_lag_alert_seconds
         applied = False
         if await self.health.probe():
             applied = await self._try_catalog(cat)
@@ -160,7 +166,9 @@ class App:
             self._tasks.append(asyncio.create_task(self.notifier.run(), name="notifier"))
         host = s.listen.rpartition(":")[0]
         log.info("quotagate serving on %s:%d (redis %s)", host, self.port,
-                 "embedded" if self.embedded else "external")
+                 "embedded" if self.embedded else
+                 "embedded, shared by the workers" if os.environ.get(EMBEDDED_VAR) else
+                 "external")
         return self
 
     async def _try_catalog(self, cat: catalog_mod.CatalogFile, seed: bool = True) -> bool:
@@ -260,13 +268,21 @@ class App:
             self.syncer = Syncer(self.redis, self.ledger.keys, self.sink, cat.catalog,
                                  SyncOptions.from_settings(s))
             telemetry.watch_sync(self.syncer)
-            if self.health is not None:
-                self.health.sync_lag = self.syncer.lag
-                self.health.sync_alert_seconds = s.sync_lag_alert_seconds
             self._tasks.append(asyncio.create_task(self.syncer.run(), name="syncer"))
+        else:
+            # the syncer runs elsewhere (another worker, `quotagate sync`): the lag is
+            # read from Redis here too, so every worker answers the Sync health service
+            # and /metrics has the lag gauges whichever process runs the syncer
+            self.lag_monitor = LagMonitor(self.redis, self.ledger.keys)
+            telemetry.watch_sync(self.lag_monitor)
+            self._tasks.append(asyncio.create_task(self.lag_monitor.run(), name="sync-lag"))
         # one /metrics per server: with --workers, worker 0's, adding up every worker
         if os.environ.get(INDEX_VAR, "0") == "0":
             self.metrics = telemetry.start_metrics_server(s.metrics_listen)
+
+    def _sync_lag(self) -> dict[int, tuple[int, float]]:
+        source = self.syncer or self.lag_monitor
+        return source.lag() if source is not None else {}
 
     @staticmethod
     async def _watch_keys(keyring: auth.KeyRing) -> None:
@@ -317,6 +333,9 @@ class App:
             await self.sink.close()
         if self.metrics is not None:
             self.metrics.stop()
+        for source in (self.syncer, self.lag_monitor):  # a stopped App reports no lag
+            if source is not None:
+                telemetry.unwatch_sync(source)
         if self.tracing is not None:
             await self.tracing.aclose()
         if self.ledger is not None:

@@ -9,8 +9,9 @@ Instruments:
 - `quotagate.redis.redirects` (counter, attribute `kind`: moved, ask, tryagain): Redis
   Cluster redirections the spend path followed (a slot migrating or moved, a failover).
 
-The lag gauges are observed from the syncers registered with `watch_sync` (their
-`lag()`), the redirections from the cluster connections registered with `watch_cluster`.
+The lag gauges are observed from the syncers and LagMonitors registered with `watch_sync`
+(their `lag()`), the redirections from the cluster connections registered with
+`watch_cluster`.
 
 The RPC statistics are counted on the request path without OpenTelemetry (an instrument
 call costs microseconds; these cost a few hundred nanoseconds) into `RpcStats`, a fixed

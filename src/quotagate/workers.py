@@ -27,6 +27,8 @@ log = logging.getLogger("quotagate.workers")
 INDEX_VAR = "QUOTAGATE_WORKER_INDEX"
 #: set for each worker: where the workers keep their RPC counters (telemetry.RpcStats)
 STATS_DIR_VAR = "QUOTAGATE_WORKER_STATS_DIR"
+#: set for each worker when the Redis it is given is the embedded one this process runs
+EMBEDDED_VAR = "QUOTAGATE_WORKER_REDIS_EMBEDDED"
 
 
 def _die_with_parent() -> None:
@@ -63,6 +65,8 @@ def run_workers(settings: Settings, workers: int) -> int:
     stats_dir = tempfile.mkdtemp(prefix="quotagate-stats-")
     base = {**os.environ, "QUOTAGATE_LISTEN": listen, "QUOTAGATE_REDIS_URL": redis_url,
             "QUOTAGATE_REUSEPORT": "true", STATS_DIR_VAR: stats_dir}
+    if embedded is not None:
+        base[EMBEDDED_VAR] = "1"
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
         env = {**base, INDEX_VAR: str(i)}

@@ -44,6 +44,8 @@ log = logging.getLogger("quotagate.sync")
 
 GROUP = "quotagate-sync"
 FAULT_ENV = "QUOTAGATE_FAULT_EXIT_AFTER_COMMIT"
+#: how often a process without a syncer of its own reads the lag from Redis (LagMonitor)
+LAG_MONITOR_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -337,23 +339,8 @@ class Syncer:
     # -- lag ----------------------------------------------------------------------------
     async def refresh_lag(self) -> dict[int, tuple[int, float]]:
         """Measure, per shard, entries not yet in SQL and the age (s) of the oldest."""
-        pipe = self.redis.pipeline(transaction=False)
-        for key in self._streams:
-            pipe.xlen(key)
-            pipe.xrange(key, "-", "+", count=1)
-        replies = await pipe.execute(raise_on_error=False)
-        now = time.time() * 1000
-        lag: dict[int, tuple[int, float]] = {}
-        for shard in range(len(self._streams)):
-            n, first = replies[2 * shard], replies[2 * shard + 1]
-            if isinstance(n, BaseException) or isinstance(first, BaseException):
-                continue
-            age = 0.0
-            if n and first:
-                age = max(0.0, (now - int(_text(first[0][0]).split("-")[0])) / 1000)
-            lag[shard] = (int(n), age)
-        self._lag = lag
-        return lag
+        self._lag = await measure_lag(self.redis, self._streams)
+        return self._lag
 
     def lag(self) -> dict[int, tuple[int, float]]:
         """Last measured lag per shard: (entries waiting, seconds behind). For health and
@@ -361,9 +348,62 @@ class Syncer:
         return dict(self._lag)
 
 
+async def measure_lag(redis: Any, streams: Sequence[str]) -> dict[int, tuple[int, float]]:
+    """Per shard: entries its ledger stream still holds (what SQL has not got: the
+    syncer deletes what it stored) and the age in seconds of the oldest. One pipelined
+    round trip; a shard whose reply failed is left out."""
+    pipe = redis.pipeline(transaction=False)
+    for key in streams:
+        pipe.xlen(key)
+        pipe.xrange(key, "-", "+", count=1)
+    replies = await pipe.execute(raise_on_error=False)
+    now = time.time() * 1000
+    lag: dict[int, tuple[int, float]] = {}
+    for shard in range(len(streams)):
+        n, first = replies[2 * shard], replies[2 * shard + 1]
+        if isinstance(n, BaseException) or isinstance(first, BaseException):
+            continue
+        age = 0.0
+        if n and first:
+            age = max(0.0, (now - int(_text(first[0][0]).split("-")[0])) / 1000)
+        lag[shard] = (int(n), age)
+    return lag
+
+
+class LagMonitor:
+    """The sync lag, read from Redis by a process that runs no syncer of its own (a
+    `serve` worker beside `quotagate sync`, or a worker other than the one running the
+    in-process syncer): the same figures, since the streams are the lag, for the Sync
+    health service and the lag gauges of every process."""
+
+    def __init__(self, redis: Any, keys: Keys, interval_s: float = LAG_MONITOR_S) -> None:
+        self.redis = redis
+        self.interval_s = interval_s
+        self._streams = [keys.ledger(s) for s in range(keys.shards)]
+        self._lag: dict[int, tuple[int, float]] = {}
+
+    async def refresh(self) -> dict[int, tuple[int, float]]:
+        self._lag = await measure_lag(self.redis, self._streams)
+        return self._lag
+
+    def lag(self) -> dict[int, tuple[int, float]]:
+        return dict(self._lag)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis away: health says so on its own
+                log.debug("lag not measured: %s", e)
+            await asyncio.sleep(self.interval_s)
+
+
 async def main(settings: Any, once: bool = False) -> int:
     """`quotagate sync`: the syncer as its own process."""
     from quotagate import catalog as catalog_mod
+    from quotagate import telemetry
     from quotagate.app import App
     from quotagate.sync.sink import default_url, open_sink
 
@@ -377,13 +417,22 @@ async def main(settings: Any, once: bool = False) -> int:
     sink = open_sink(default_url(settings.database_url, settings.data_dir))
     syncer = Syncer(redis, Keys(settings.shards), sink, cat.catalog,
                     SyncOptions.from_settings(settings))
+    metrics = None
     try:
         if once:
             c = await syncer.run_once()
             log.info("synced %d entries (%d new)", c.read, c.inserted)
         else:
+            # its own /metrics (QUOTAGATE_METRICS_LISTEN): the lag gauges
+            telemetry.watch_sync(syncer)
+            metrics = telemetry.start_metrics_server(settings.metrics_listen)
+            if metrics is not None:
+                log.info("metrics on %s", settings.metrics_listen)
             await syncer.run()
     finally:
+        if metrics is not None:
+            metrics.stop()
+            telemetry.unwatch_sync(syncer)
         await sink.close()
         await redis.aclose()
     return 0
