@@ -314,6 +314,35 @@ async def test_use_of_nothing_charges_nothing(kind: str, server: Grpc, api: Api)
 
 
 @pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_use_of_a_meter_not_held_fails_the_block_and_refunds(kind: str, server: Grpc,
+                                                                   api: Api) -> None:
+    """`hold.use()` naming a meter the hold does not have raises in the block, so leaving
+    it refunds the hold. Before, the Commit on leaving was refused (INVALID_ARGUMENT) and
+    the hold stayed until its TTL, charging nothing."""
+    target = f"127.0.0.1:{server.app.port}"
+    seen: list[Any] = []
+
+    async def work_async(client: Any) -> Any:
+        async with client.reservation(subject("acme"), {M: 2_000}) as hold:
+            seen.append(hold)
+            hold.use({M: 10, "call_seconds": 5})
+        return hold
+
+    def work_sync(client: Any) -> Any:
+        with client.reservation(subject("acme"), {M: 2_000}) as hold:
+            seen.append(hold)
+            hold.use({M: 10, "call_seconds": 5})
+        return hold
+
+    with pytest.raises(ValueError, match="call_seconds"):
+        await using(kind, target, work_async if kind == "async" else work_sync)
+    (hold,) = seen
+    assert hold.outcome.state == common_pb2.HOLD_STATE_REFUNDED
+    b = await api.balance()
+    assert (b.reserved, b.used) == (0, 0)
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_commit_or_refund_of_an_empty_mapping_is_refused(kind: str, server: Grpc,
                                                                api: Api) -> None:
     """`commit(id, {})` would charge everything held and `refund(id, {})` give back

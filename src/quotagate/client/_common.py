@@ -159,7 +159,15 @@ class Outcome:
 
     def use(self, actual: Amounts) -> None:
         """What the work really used ({meter: amount}; a held meter left out used 0);
-        committed when the block ends. `use({})`: nothing was used."""
+        committed when the block ends. `use({})`: nothing was used. A meter the hold
+        does not have is refused here (ValueError: the block fails, so the hold is
+        refunded), not at the Commit, which would leave the hold to expire uncharged."""
+        if self.response is not None:
+            held = {g.meter for g in self.response.granted}
+            extra = sorted(set(actual) - held)
+            if extra:
+                raise ValueError(f"use() names meters this hold does not have: {extra} "
+                                 f"(held: {sorted(held)})")
         self.actual = dict(actual)
 
     def leaving(self, exc_type: type[BaseException] | None) -> tuple[str, Any] | None:
