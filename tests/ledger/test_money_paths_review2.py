@@ -636,6 +636,35 @@ async def test_a_hold_past_its_ttl_is_released_once_by_whichever_call_meets_it_f
         assert (await bal(ledger, team)).remaining == 1_000
 
 
+async def test_readers_racing_a_late_commit_release_the_expired_hold_once(
+        ledger: Ledger, clock: ManualClock, redis: Any) -> None:
+    """GetBalance, Check and the sweeper, all at once with the late Commit of the same
+    expired hold: the hold is released exactly once (one expire entry), the late usage is
+    charged exactly once, and the wallet adds up."""
+    await ledger.upsert_plan("p", [Allowance(M, 10_000)])
+    await ledger.upsert_org("o", "p")
+    org = Subject("o")
+    holds = [await ledger.reserve(org, [Charge(M, 500)], idempotency_key=f"h{i}",
+                                  ttl_seconds=60) for i in range(6)]
+    assert all(h.decision is Decision.GRANTED for h in holds)
+    clock.advance(61_000)
+    shard = ledger.keys.shard_of("o")
+    calls: list[Any] = []
+    for i, h in enumerate(holds):
+        calls.append(ledger.commit(h.reservation_id, [Charge(M, 100 + i)]))
+        calls += [bal(ledger, org), ledger.check(org, M), ledger.sweep(shard)]
+    got = await asyncio.gather(*calls)
+    commits = got[0::4]
+    assert [c.amounts[0].amount for c in commits] == [100 + i for i in range(6)]
+    entries = [entry_fields(f) for _, f in await redis.xrange(ledger.keys.ledger(shard))]
+    for h in holds:
+        mine = [e["type"] for e in entries if e.get("rid") == h.reservation_id]
+        assert sorted(mine) == ["commit", "expire", "reserve"], mine
+    b = await bal(ledger, org)
+    assert (b.reserved, b.used, b.remaining) == (0, sum(100 + i for i in range(6)),
+                                                 10_000 - sum(100 + i for i in range(6)))
+
+
 # -- (8) Envoy's ShouldRateLimit: charged at once, once, never over a limit --------------------
 
 def rls_request(*descriptors: dict[str, str], hits: int = 0) -> Any:
