@@ -1,4 +1,5 @@
-"""What the async and the sync client share: request building and the retry rule."""
+"""What the async and the sync client share: request building, the retry rule, and
+when and where a watch's stream is opened again."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import grpc
 
 from quotagate.ledger.model import Subject
-from quotagate.v1 import common_pb2, quota_pb2
+from quotagate.v1 import admin_pb2, common_pb2, quota_pb2
 
 SubjectLike = common_pb2.Subject | Subject
 Amounts = Mapping[str, int]
@@ -21,6 +22,16 @@ Amounts = Mapping[str, int]
 RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 #: the calls that may be repeated (Extend adds to a hold: never repeated)
 REPEATABLE = frozenset({"Reserve", "Commit", "Refund", "Check", "GetBalance"})
+#: WatchEvents' initial metadata naming where the stream starts (the server's
+#: quotagate.server.admin.CURSOR_HEADER)
+CURSOR_HEADER = "quotagate-cursor"
+
+
+class ClientClosedError(RuntimeError):
+    """A call on a client that was closed (its connections are gone: make a new one)."""
+
+    def __init__(self) -> None:
+        super().__init__("client is closed")
 
 
 def subject_pb(s: SubjectLike) -> common_pb2.Subject:
@@ -34,14 +45,82 @@ def charges_pb(amounts: Amounts | None) -> list[common_pb2.Charge]:
     return [common_pb2.Charge(meter=m, amount=a) for m, a in (amounts or {}).items()]
 
 
-def reserve_request(subject: SubjectLike, charges: Amounts | None, *, action: str,
-                    feature: str, ttl_seconds: int, allow_partial: bool,
-                    labels: Mapping[str, str] | None,
-                    idempotency_key: str | None) -> quota_pb2.ReserveRequest:
+def reserve_request(subject: SubjectLike, charges: Amounts | None = None, *,
+                    action: str = "", feature: str = "", ttl_seconds: int = 0,
+                    allow_partial: bool = False, labels: Mapping[str, str] | None = None,
+                    idempotency_key: str | None = None) -> quota_pb2.ReserveRequest:
+    """The ReserveRequest; without an `idempotency_key` a new one is made (sending this
+    request again gets the hold it made, never a second one)."""
     return quota_pb2.ReserveRequest(
         subject=subject_pb(subject), charges=charges_pb(charges), action=action,
         feature=feature, ttl_seconds=ttl_seconds, allow_partial=allow_partial,
         labels=dict(labels or {}), idempotency_key=idempotency_key or str(uuid.uuid4()))
+
+
+def commit_request(reservation_id: str, actual: Amounts | None = None,
+                   labels: Mapping[str, str] | None = None) -> quota_pb2.CommitRequest:
+    if actual is not None and not actual:
+        raise ValueError("actual is empty, which would charge everything held: pass None "
+                         "for that, or each meter with 0 to charge nothing")
+    return quota_pb2.CommitRequest(reservation_id=reservation_id, actual=charges_pb(actual),
+                                   labels=dict(labels or {}))
+
+
+def refund_request(reservation_id: str, amount: Amounts | None = None,
+                   reason: str = "") -> quota_pb2.RefundRequest:
+    if amount is not None and not amount:
+        raise ValueError("amount is empty, which would refund everything: pass None "
+                         "for that")
+    return quota_pb2.RefundRequest(reservation_id=reservation_id, amount=charges_pb(amount),
+                                   reason=reason)
+
+
+def watch_status_request(org_id: str, assistant_ids: Sequence[str]
+                         ) -> quota_pb2.WatchStatusRequest:
+    return quota_pb2.WatchStatusRequest(org_id=org_id, assistant_ids=list(assistant_ids))
+
+
+class Reopening:
+    """Whether, and after how long, a watch opens its stream again: after UNAVAILABLE (a
+    renewed connection, a restarted server) while `reconnect`, backing off from 50 ms
+    over failures in a row (a message received starts the count again)."""
+
+    def __init__(self, reconnect: bool) -> None:
+        self.reconnect, self.failures = reconnect, 0
+
+    def received(self) -> None:
+        self.failures = 0
+
+    def after(self, code: grpc.StatusCode | None) -> float | None:
+        """Seconds to wait before opening it again; None: raise the stream's error."""
+        if not self.reconnect or code != grpc.StatusCode.UNAVAILABLE:
+            return None
+        self.failures += 1
+        return backoff(min(self.failures, 6))
+
+
+class EventCursor:
+    """Where a WatchEvents stream (re)opens: after cursor `after`, then after the last
+    event received; a stream cut before its first event resumes from where it started
+    (the server's `quotagate-cursor` initial metadata), so what happened since is
+    replayed: no event is missed or received twice."""
+
+    def __init__(self, org_id: str, after: str) -> None:
+        self.org_id, self.last = org_id, after
+
+    def request(self) -> admin_pb2.WatchEventsRequest:
+        return admin_pb2.WatchEventsRequest(org_id=self.org_id, after=self.last)
+
+    def started(self, initial_metadata: Any) -> None:
+        if self.last:
+            return
+        for k, v in initial_metadata or ():
+            if k == CURSOR_HEADER and v:
+                self.last = v
+
+    def seen(self, msg: admin_pb2.WatchEventsResponse) -> admin_pb2.Event:
+        self.last = msg.event.cursor or self.last
+        return msg.event
 
 
 def backoff(attempt: int) -> float:
@@ -74,6 +153,15 @@ class Calls:
     """The QuotaService calls, built once for both clients: each returns `self._call(name,
     request)`, which the async client awaits and the sync client runs."""
 
+    #: set by close(): the blocking client takes no more calls (ClientClosedError); the
+    #: asyncio one opens new connections at its next call (a grpc.aio channel belongs to
+    #: one event loop, and a client may outlive the loop it first ran on)
+    closed = False
+
+    def _ensure_open(self) -> None:
+        if self.closed:
+            raise ClientClosedError()
+
     def _call(self, name: str, request: Any) -> Any:
         raise NotImplementedError
 
@@ -93,22 +181,13 @@ class Calls:
         """Charge what was used ({meter: amount}); None: exactly what was held. An empty
         mapping is refused (ValueError): on the wire it would charge everything held; to
         charge nothing name each meter with 0."""
-        if actual is not None and not actual:
-            raise ValueError("actual is empty, which would charge everything held: pass None "
-                             "for that, or each meter with 0 to charge nothing")
-        return self._call("Commit", quota_pb2.CommitRequest(
-            reservation_id=reservation_id, actual=charges_pb(actual),
-            labels=dict(labels or {})))
+        return self._call("Commit", commit_request(reservation_id, actual, labels))
 
     def refund(self, reservation_id: str, amount: Amounts | None = None,
                reason: str = "") -> Any:
         """Give the hold back (None: all of it; after a Commit at most what it charged).
         An empty mapping is refused (ValueError): on the wire it would give back all."""
-        if amount is not None and not amount:
-            raise ValueError("amount is empty, which would refund everything: pass None "
-                             "for that")
-        return self._call("Refund", quota_pb2.RefundRequest(
-            reservation_id=reservation_id, amount=charges_pb(amount), reason=reason))
+        return self._call("Refund", refund_request(reservation_id, amount, reason))
 
     def extend(self, reservation_id: str, additional: Amounts | None = None,
                ttl_seconds: int = 0) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -15,9 +15,7 @@ import grpc
 from quotagate.client import _common as c
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 
-#: WatchEvents' initial metadata naming where the stream starts (the server's
-#: quotagate.server.admin.CURSOR_HEADER)
-CURSOR_HEADER = "quotagate-cursor"
+CURSOR_HEADER = c.CURSOR_HEADER
 
 log = logging.getLogger("quotagate.client")
 
@@ -32,7 +30,10 @@ class QuotaClient(c.Calls):
     that is safe: a Reserve keeps its idempotency key, so a retry gets the first hold,
     never a second one; Commit and Refund of a resolved hold answer what they did; Extend
     is never repeated. `api_key` is sent as `authorization: Bearer …`; `credentials`
-    makes the channels TLS (`grpc.ssl_channel_credentials(...)`).
+    makes the channels TLS (`grpc.ssl_channel_credentials(...)`). `close()` closes the
+    connections and ends the watches; a later call opens new ones, on the event loop it
+    runs on (so a client made at import time may serve several `asyncio.run()` in turn,
+    closed at the end of each); closing again does nothing.
     """
 
     def __init__(self, target: str, *, api_key: str | None = None, channels: int = 4,
@@ -53,6 +54,7 @@ class QuotaClient(c.Calls):
         event loop that makes it (a grpc.aio channel belongs to one loop), so a client
         may be made anywhere, an import included."""
         if not self._stubs:
+            self.closed = False  # opened (again)
             opts = c.channel_options()
             cred = self._credentials
             self._channels = [grpc.aio.secure_channel(self.target, cred, options=opts)
@@ -63,6 +65,8 @@ class QuotaClient(c.Calls):
         return self._stubs[next(self._next)]
 
     async def close(self) -> None:
+        """Close the connections, ending the watches (a later call opens new ones)."""
+        self.closed = True
         channels, self._channels, self._stubs, self._admin = self._channels, [], [], []
         for ch in channels:
             await ch.close()
@@ -87,68 +91,73 @@ class QuotaClient(c.Calls):
             await asyncio.sleep(c.backoff(attempt))
             attempt += 1
 
-    async def _resubscribing(self, open_stream: Callable[[], Any], reconnect: bool,
+    async def _resubscribing(self, open_stream: Callable[[], Any], reopening: c.Reopening,
                              opened: Callable[[Any], Awaitable[None]] | None = None
-                             ) -> AsyncIterator[Any]:
+                             ) -> AsyncGenerator[Any, None]:
         """The messages of the stream `open_stream()` opens, opened again (backing off)
-        when it ends UNAVAILABLE, while `reconnect`; `opened(stream)` first, each time."""
-        failures = 0
+        when `reopening` says so; `opened(stream)` first, each time. Ends when the client
+        is closed."""
         while True:
             stream = open_stream()
             try:
                 if opened is not None:
                     await opened(stream)
                 async for msg in stream:
-                    failures = 0
+                    reopening.received()
                     yield msg
                 return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self.closed and (task is None or not task.cancelling()):
+                    return  # the client was closed, which cancelled the stream
+                raise
             except grpc.aio.AioRpcError as e:
-                if not reconnect or e.code() != grpc.StatusCode.UNAVAILABLE:
+                if self.closed:
+                    return
+                delay = reopening.after(e.code())
+                if delay is None:
                     raise
-                failures += 1
             finally:
                 stream.cancel()
-            await asyncio.sleep(c.backoff(min(failures, 6)))
+            await asyncio.sleep(delay)
+            if self.closed:
+                return
 
-    async def watch_status(self, org_id: str, assistant_ids: Sequence[str] = (), *,
-                           reconnect: bool = True
-                           ) -> AsyncIterator[quota_pb2.WatchStatusResponse]:
+    def watch_status(self, org_id: str, assistant_ids: Sequence[str] = (), *,
+                     reconnect: bool = True
+                     ) -> AsyncGenerator[quota_pb2.WatchStatusResponse, None]:
         """The status of each watched assistant (none named: every assistant of the org),
         then every change, for as long as the caller iterates. A stream that ends with
         UNAVAILABLE (a renewed connection, a restarted server) is opened again, and
         since each new stream starts with the current status of every assistant, no
         change is missed: the caller may see a status twice, never miss one."""
-        request = quota_pb2.WatchStatusRequest(org_id=org_id, assistant_ids=list(assistant_ids))
-        async for msg in self._resubscribing(
-                lambda: self._stub().WatchStatus(request, metadata=self._metadata), reconnect):
-            yield msg
+        request = c.watch_status_request(org_id, assistant_ids)
+        return self._resubscribing(
+            lambda: self._stub().WatchStatus(request, metadata=self._metadata),
+            c.Reopening(reconnect))
 
-    async def watch_events(self, org_id: str, after: str = "", *, reconnect: bool = True
-                           ) -> AsyncIterator[admin_pb2.Event]:
+    def watch_events(self, org_id: str, after: str = "", *, reconnect: bool = True
+                     ) -> AsyncGenerator[admin_pb2.Event, None]:
         """The org's events (AdminService.WatchEvents: an admin key) from now on, or from
         the event after cursor `after`. A stream cut by UNAVAILABLE is opened again after
         the last event received, so none is missed or repeated (as long as Redis still
         holds them: else the server answers FAILED_PRECONDITION, raised here)."""
-        last = [after]
+        cursor = c.EventCursor(org_id, after)
 
         def open_stream() -> Any:
             self._stub()  # the channels, on this loop
-            return self._admin[next(self._next)].WatchEvents(
-                admin_pb2.WatchEventsRequest(org_id=org_id, after=last[0]),
-                metadata=self._metadata)
+            return self._admin[next(self._next)].WatchEvents(cursor.request(),
+                                                             metadata=self._metadata)
 
         async def opened(stream: Any) -> None:
-            if last[0]:
-                return
-            # Cut before its first event: resume from where the stream started (the
-            # server's `quotagate-cursor` header), so what happened since is replayed.
-            for k, v in await stream.initial_metadata() or ():
-                if k == CURSOR_HEADER and v:
-                    last[0] = v
+            if not cursor.last:
+                cursor.started(await stream.initial_metadata())
 
-        async for msg in self._resubscribing(open_stream, reconnect, opened):
-            last[0] = msg.event.cursor or last[0]
-            yield msg.event
+        async def events() -> AsyncGenerator[admin_pb2.Event, None]:
+            async for msg in self._resubscribing(open_stream, c.Reopening(reconnect), opened):
+                yield cursor.seen(msg)
+
+        return events()
 
     def reservation(self, subject: c.SubjectLike, charges: c.Amounts | None = None,
                     **kw: Any) -> Reservation:
