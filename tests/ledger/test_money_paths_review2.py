@@ -665,6 +665,38 @@ async def test_readers_racing_a_late_commit_release_the_expired_hold_once(
                                                  10_000 - sum(100 + i for i in range(6)))
 
 
+@pytest.mark.parametrize("anchor_then", [15, 0])
+async def test_refund_after_the_anchor_day_moved_credits_the_seat_cap_of_the_commits_period(
+        ledger: Ledger, clock: ManualClock, anchor_then: int) -> None:
+    """A Commit on Dec 10 with anchor day 15 counts in the period of Nov 15; the anchor
+    then moves to the 1st, so Dec 1 starts a new period and the seat's cap is fresh. A
+    Refund of that Commit gives back nothing of the new period's cap: the usage was not
+    counted there. (It used to recompute the Commit's period with the new anchor day,
+    find Dec 1, and hand the seat room it never used.) Without the move (anchor 0, the
+    1st all along), the Refund gives the cap back in full."""
+    await ledger.upsert_plan("p", [Allowance(M, 100_000)])
+    await ledger.upsert_org("o", "p", period_anchor_day=anchor_then)
+    await ledger.upsert_seat("o", "s", limits=[SeatLimit(M, 1_000)])
+    seat = Subject("o", seat_id="s")
+    clock.set(ms(2026, 12, 10))
+    r = await ledger.reserve(seat, [Charge(M, 600)], idempotency_key="r")
+    assert r.decision is Decision.GRANTED
+    await ledger.commit(r.reservation_id, [Charge(M, 600)])
+    await ledger.upsert_org("o", "p", period_anchor_day=1)  # Dec 1 starts the period now
+    clock.set(ms(2026, 12, 12))
+    used = await ledger.reserve(seat, [Charge(M, 700)], idempotency_key="u")
+    if anchor_then:  # a new period: its cap is all there
+        assert used.decision is Decision.GRANTED
+        await ledger.commit(used.reservation_id, [Charge(M, 700)])
+    await ledger.refund(r.reservation_id)
+    # the new period's cap: 1,000 less what was used in it, whatever was refunded
+    in_period = 700 if anchor_then else 0
+    fits = await ledger.reserve(seat, [Charge(M, 1_000 - in_period)], idempotency_key="f")
+    assert fits.decision is Decision.GRANTED
+    over = await ledger.reserve(seat, [Charge(M, 1)], idempotency_key="o")
+    assert over.decision is Decision.DENIED and over.reason is DenyReason.SEAT_LIMIT_REACHED
+
+
 # -- (8) Envoy's ShouldRateLimit: charged at once, once, never over a limit --------------------
 
 def rls_request(*descriptors: dict[str, str], hits: int = 0) -> Any:

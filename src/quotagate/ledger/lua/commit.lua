@@ -60,11 +60,13 @@ if h.st == 'C' or h.st == 'R' then return answer(h.st) end
 
 local late = (h.st == 'E')
 local fields = {'st', 'C', 'done', I(now)}
+local cp = nil  -- the period the usage is counted in (seat cap, overage), for a Refund
 local out, bals = {}, {h.n}
 for i = 1, h.n do
   local ctx = hold_ctx(h, i, now, maxlen)
   local ws = chain_load(ctx)
   local before = chain_available(ctx, ws)
+  if h.k[i] ~= 'g' then cp = ctx.pid end
   local a = want(i)
   local charged = {}
   local left = a
@@ -111,6 +113,7 @@ for i = 1, h.n do
   spend_entry(ledger, maxlen, 'commit', h, h.m[i], a, x, late and '1' or '',
     (labels ~= '' and labels) or h.lbl, now, ctx.anchor)
 end
+if cp then fields[#fields + 1] = 'cp'; fields[#fields + 1] = I(cp) end
 redis.call('HSET', key, unpack(fields))
 -- A committed gauge charge (stored bytes) is given back by a Refund when the file is
 -- deleted, maybe months later: keep such holds until then. Others expire after retention.

@@ -73,9 +73,14 @@ for i = 1, h.n do
     local ws = chain_load(ctx)
     -- The period the Commit counted this usage in (seat cap, overage): the one it was
     -- made in, also for a hold made in an earlier period. Only there is it given back.
+    -- Recorded by the Commit ('cp'): the anchor day may have moved since. (A hold
+    -- committed by an earlier build has none: the period of its Commit's day.)
     local cp = tonumber(h.hp[i])
-    if h.done and h.k[i] ~= 'g' then
-      cp = period_compute(floor(tonumber(h.done) / 86400000), math.max(1, N(ctx.anchor)))
+    if h.k[i] ~= 'g' then
+      if h.cp then cp = tonumber(h.cp)
+      elseif h.done then
+        cp = period_compute(floor(tonumber(h.done) / 86400000), math.max(1, N(ctx.anchor)))
+      end
     end
     ctx.commit_pid = cp
     -- overage is credited at the price its Commit billed (a hold of an earlier build
