@@ -436,6 +436,40 @@ def test_a_deleted_keys_file_is_reported(tmp_path: Path,
     assert ring.authenticate(KEYS["rt_acme"]) is None
 
 
+@pytest.mark.parametrize("form", ["keys = []\n", '{"keys": []}'])
+async def test_a_keys_file_that_says_no_keys_revokes_every_key(
+        served: Served, form: str, caplog: pytest.LogCaptureFixture) -> None:
+    """To revoke every key at once without a restart, the file says so: `keys = []` (or
+    JSON `{"keys": []}`): every call is then UNAUTHENTICATED, and an error says why.
+    An empty file (one being written) or a file without `keys` keeps the keys in force."""
+    ring = served.app.interceptors[-1].auth.keyring  # type: ignore[attr-defined]
+    check = quota_pb2.CheckRequest(subject=common_pb2.Subject(org_id="acme"), meter=M)
+    for unclear in ("", "# nothing yet\n", "[other]\nx = 1\n"):
+        served.keys_path.write_text(unclear)
+        assert not ring.reload_if_changed()
+        assert await code_of(served.quota.Check(check, metadata=md("rt_all"))) is \
+            grpc.StatusCode.OK
+    served.keys_path.write_text(form)
+    with caplog.at_level(logging.ERROR, logger="quotagate.server.auth"):
+        assert ring.reload_if_changed()
+    assert any("no keys" in r.getMessage() for r in caplog.records)
+    for name in ("rt_all", "rt_acme", "admin_acme"):
+        assert await code_of(served.quota.Check(check, metadata=md(name))) is \
+            grpc.StatusCode.UNAUTHENTICATED
+    served.keys_path.write_text(keys_toml({"rt_all": ENTRIES["rt_all"]}))
+    assert ring.reload_if_changed()  # and back
+    assert await code_of(served.quota.Check(check, metadata=md("rt_all"))) is \
+        grpc.StatusCode.OK
+
+
+def test_a_keys_file_that_says_no_keys_still_stops_the_start(tmp_path: Path) -> None:
+    """At start a file without keys is a mistake, not a revocation: serve refuses it."""
+    p = tmp_path / "keys.toml"
+    p.write_text("keys = []\n")
+    with pytest.raises(ConfigError, match="defines no keys"):
+        KeyRing.from_file(p)
+
+
 # -- auth off only on loopback --------------------------------------------------------------
 async def test_a_host_name_that_only_looks_like_loopback_needs_keys(
         redis_server: RedisServer) -> None:

@@ -135,8 +135,11 @@ def _entry(i: int, e: Any) -> ApiKey:
     return ApiKey(str(e.get("name", f"key{i}")), raw, role, org, team)
 
 
-def load_keys(path: str | Path) -> list[ApiKey]:
-    """Parse a keys file (TOML ``[[keys]]``, or JSON: a list or ``{"keys": [...]}``)."""
+def load_keys(path: str | Path, allow_none: bool = False) -> list[ApiKey]:
+    """Parse a keys file (TOML ``[[keys]]``, or JSON: a list or ``{"keys": [...]}``).
+    `allow_none`: a file that says explicitly that there are no keys (``keys = []``, a
+    JSON ``[]`` or ``{"keys": []}``) gives none; an empty file or one without ``keys``
+    is still refused (a file being written, or the wrong file)."""
     p = Path(path)
     try:
         text = p.read_text("utf-8")
@@ -150,7 +153,9 @@ def load_keys(path: str | Path) -> list[ApiKey]:
             data = tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{p} is neither valid TOML nor JSON: {e}", KEYS_VAR) from None
-    entries = data.get("keys", []) if isinstance(data, dict) else data
+    entries = data.get("keys") if isinstance(data, dict) else data
+    if allow_none and entries == []:
+        return []
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{p} defines no keys", KEYS_VAR)
     keys = [_entry(i, e) for i, e in enumerate(entries)]
@@ -167,8 +172,9 @@ class KeyRing:
     """The configured keys; finds the one a bearer token belongs to. Made from a file
     (`from_file`), it reloads it when it changes (`reload_if_changed`, which the server
     calls every KEYS_POLL_SECONDS): keys are rotated by editing the file, or by
-    Kubernetes updating a mounted Secret, without a restart. A file that no longer parses
-    is logged and the keys in force are kept."""
+    Kubernetes updating a mounted Secret, without a restart. A file that no longer parses,
+    is empty or is gone is logged and the keys in force are kept; one that says
+    ``keys = []`` revokes every key."""
 
     def __init__(self, keys: Iterable[ApiKey], path: str | Path | None = None) -> None:
         self.keys = tuple(keys)
@@ -194,13 +200,13 @@ class KeyRing:
         stamp = self._stat()
         if self.path is not None and stamp is None and self._stamp is not None:
             log.error("API keys file %s is gone: the keys in force stay until it is back "
-                      "(to revoke every key, stop the server)", self.path)
+                      "(to revoke every key, write `keys = []` into it)", self.path)
             self._stamp = None  # logged once per disappearance
         if self.path is None or stamp is None or stamp == self._stamp:
             return False
         self._stamp = stamp
         try:
-            keys = tuple(load_keys(self.path))
+            keys = tuple(load_keys(self.path, allow_none=True))
         except ConfigError as e:
             log.error("API keys file %s not reloaded, the keys in force stay: %s",
                       self.path, e)
@@ -208,7 +214,11 @@ class KeyRing:
         if keys == self.keys:
             return False
         self.keys = keys
-        log.warning("API keys reloaded from %s: %d key(s)", self.path, len(keys))
+        if keys:
+            log.warning("API keys reloaded from %s: %d key(s)", self.path, len(keys))
+        else:
+            log.error("API keys file %s says there are no keys: every call is refused "
+                      "(UNAUTHENTICATED) until it lists some", self.path)
         return True
 
     def authenticate(self, token: str) -> ApiKey | None:
