@@ -520,6 +520,41 @@ async def test_an_open_stream_ends_when_its_key_is_revoked(served: Served) -> No
         assert e.value.code() is want
 
 
+async def test_an_idle_stream_ends_at_the_reload_that_revokes_its_key(served: Served) -> None:
+    """A stream with nothing to send does not wait for its next message to learn that
+    its key was revoked: the reload itself ends it (UNAUTHENTICATED for a removed key,
+    PERMISSION_DENIED for one moved to another org). A stream whose key still holds goes
+    on and still gets what comes next."""
+    led = served.ledger
+    await led.upsert_assistant("acme", "bot")
+    ring = served.app.interceptors[-1].auth.keyring  # type: ignore[attr-defined]
+    events = served.admin.WatchEvents(admin_pb2.WatchEventsRequest(org_id="acme"),
+                                      metadata=md("admin_acme"))
+    status = served.quota.WatchStatus(quota_pb2.WatchStatusRequest(
+        org_id="acme", assistant_ids=["bot"]), metadata=md("rt_acme"))
+    kept = served.quota.WatchStatus(quota_pb2.WatchStatusRequest(
+        org_id="acme", assistant_ids=["bot"]), metadata=md("rt_all"))
+    for call in (status, kept):
+        first = await asyncio.wait_for(call.read(), 5)
+        assert first.assistant_id == "bot" and first.active
+    await events.initial_metadata()  # subscribed, and idle: nothing happens in the org
+    entries = dict(ENTRIES)
+    del entries["admin_acme"]  # revoked
+    entries["rt_acme"] = ("runtime", "beta", "")  # moved to another org
+    served.keys_path.write_text(keys_toml(entries))
+    assert ring.reload_if_changed()
+    for call, want in ((events, grpc.StatusCode.UNAUTHENTICATED),
+                       (status, grpc.StatusCode.PERMISSION_DENIED)):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            msg = await asyncio.wait_for(call.read(), 5)
+            raise AssertionError(f"a revoked key was sent {msg}")
+        assert e.value.code() is want
+    await led.upsert_assistant("acme", "bot", enabled=False)
+    change = await asyncio.wait_for(kept.read(), 5)
+    assert change.assistant_id == "bot" and not change.active
+    kept.cancel()
+
+
 async def test_fail_open_settles_no_other_orgs_hold(tmp_path: Path, clock: ManualClock) -> None:
     """QUOTAGATE_FAIL_OPEN with Redis gone: a hold of another org is PERMISSION_DENIED
     when this process knows its org, else UNAVAILABLE (the org cannot be looked up) —

@@ -45,6 +45,7 @@ naming QUOTAGATE_API_KEYS_FILE.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import inspect
@@ -180,6 +181,15 @@ class KeyRing:
         self.keys = tuple(keys)
         self.path = Path(path) if path else None
         self._stamp = self._stat()
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future the next reload that changes the keys resolves (open streams wait on
+        it beside their next message, so an idle one is checked again at once)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        fut.add_done_callback(self._waiters.discard)
+        return fut
 
     @classmethod
     def from_file(cls, path: str | Path) -> KeyRing:
@@ -214,6 +224,9 @@ class KeyRing:
         if keys == self.keys:
             return False
         self.keys = keys
+        for fut in list(self._waiters):
+            if not fut.done():
+                fut.set_result(None)
         if keys:
             log.warning("API keys reloaded from %s: %d key(s)", self.path, len(keys))
         else:
@@ -463,13 +476,36 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if hasattr(stream, "__aiter__"):
                 ring = self.auth.keyring
                 keys = ring.keys
+                messages = stream.__aiter__()
+                nxt: asyncio.Future[Any] | None = None
+                reload = ring.changed()
                 try:
-                    async for msg in stream:
-                        if ring.keys is not keys:  # reloaded: a revoked key gets no more
-                            keys = ring.keys
+                    while True:
+                        if nxt is None:
+                            nxt = asyncio.ensure_future(messages.__anext__())
+                        await asyncio.wait((nxt, reload),
+                                           return_when=asyncio.FIRST_COMPLETED)
+                        if ring.keys is not keys:  # reloaded: a revoked key gets no more,
+                            keys = ring.keys      # idle or not
                             await self._check(method, metadata, request, context)
+                        if reload.done():
+                            reload = ring.changed()
+                        if not nxt.done():
+                            continue
+                        try:
+                            msg = nxt.result()
+                        except StopAsyncIteration:
+                            break
+                        nxt = None
                         yield msg
                 finally:
+                    reload.cancel()
+                    if nxt is not None and not nxt.done():
+                        nxt.cancel()
+                        try:
+                            await nxt
+                        except (asyncio.CancelledError, Exception):
+                            pass  # the stream is being ended: what it would have said
                     if hasattr(stream, "aclose"):
                         await stream.aclose()
             elif inspect.isawaitable(stream):  # a handler that writes with context.write
