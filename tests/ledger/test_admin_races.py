@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from quotagate.ledger.model import Allowance, Subject
 from quotagate.ledger.store import Ledger
 
@@ -45,6 +47,33 @@ async def test_upsert_plan_never_undoes_a_concurrent_upsert_org(
     plan = await ledger.plan("seatly")
     assert plan is not None
     assert b.monthly_granted == plan[0].monthly + 150 * 100
+
+
+async def test_upsert_org_does_not_write_back_a_plan_edited_meanwhile(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """UpsertOrg reads the plan, then writes the org. An UpsertPlan that lands in between
+    re-applies its new allowances to the org first; the UpsertOrg must not then put the
+    old ones back (the org would be granted a plan that no longer exists until the next
+    plan edit). The interleaving is made exact: the UpsertPlan runs, for real, right
+    after UpsertOrg's first read of the plan."""
+    await ledger.upsert_plan("seatly", [Allowance(M, 1000, per_seat=100)])
+    await ledger.upsert_org("o", "seatly", seats=1)
+    real = ledger.plan
+    reads = 0
+
+    async def read_then_edit(name: str) -> Any:
+        nonlocal reads
+        reads += 1
+        got = await real(name)
+        if reads == 1:
+            await ledger.upsert_plan("seatly", [Allowance(M, 2000, per_seat=100)])
+        return got
+
+    monkeypatch.setattr(ledger, "plan", read_then_edit)
+    await ledger.upsert_org("o", "seatly", seats=3)
+    (b,) = await ledger.get_balance(Subject("o"), [M])
+    assert b.monthly_granted == 2000 + 3 * 100
+    assert int(await ledger.redis.hget(ledger.keys.cfg("o"), "seats")) == 3
 
 
 async def test_upsert_plan_skips_an_org_that_moved_to_another_plan(ledger: Ledger) -> None:

@@ -597,6 +597,19 @@ class Ledger:
         created = await self._configure_org(org_id, plan, seats, period_anchor_day or 1,
                                             ai_enabled, allowances)
         await self._call(self.redis.sadd(self.keys.plan_orgs(plan), org_id))
+        # An UpsertPlan between the read above and the write may have re-applied its new
+        # allowances to this org before this call wrote the old ones: read the plan again
+        # (after the write and after joining the plan's orgs, so any later UpsertPlan
+        # re-applies itself) and apply what changed, until a read finds what was written
+        # (at most 10 times: a plan edited more often than that during one call is left
+        # as its last re-apply or this call's last write has it).
+        for _ in range(10):
+            now = await self.plan(plan)
+            if now is None or tuple(now) == tuple(allowances):
+                break
+            allowances = now
+            await self._configure_org(org_id, plan, seats, period_anchor_day or 1,
+                                      ai_enabled, allowances)
         return created
 
     async def _configure_org(self, org_id: str, plan: str, seats: int | None, anchor: int,
