@@ -76,6 +76,32 @@ async def test_upsert_org_does_not_write_back_a_plan_edited_meanwhile(
     assert int(await ledger.redis.hget(ledger.keys.cfg("o"), "seats")) == 3
 
 
+async def test_upsert_plan_reaches_an_org_that_joined_the_plan_meanwhile(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """UpsertPlan lists the plan's orgs, checks them, writes the plan, re-applies it. A
+    new org that joins between the listing and the write (its UpsertOrg read the plan
+    before the write, and read it again before it) must still end on the new plan."""
+    await ledger.upsert_plan("seatly", [Allowance(M, 1000, per_seat=100)])
+    real = ledger._configure_org
+    joined = False
+
+    async def check_then_join(*args: Any, **kw: Any) -> Any:
+        nonlocal joined
+        got = await real(*args, **kw)
+        if kw.get("check_only") and not joined:  # the listing is done: "o" joins now
+            joined = True
+            monkeypatch.setattr(ledger, "_configure_org", real)
+            await ledger.upsert_org("o", "seatly", seats=2)
+        return got
+
+    await ledger.upsert_org("other", "seatly", seats=1)  # so the check runs once
+    monkeypatch.setattr(ledger, "_configure_org", check_then_join)
+    await ledger.upsert_plan("seatly", [Allowance(M, 2000, per_seat=100)])
+    assert joined
+    (b,) = await ledger.get_balance(Subject("o"), [M])
+    assert b.monthly_granted == 2000 + 2 * 100
+
+
 async def test_upsert_plan_skips_an_org_that_moved_to_another_plan(ledger: Ledger) -> None:
     await ledger.upsert_plan("a", [Allowance(M, 1000)])
     await ledger.upsert_plan("b", [Allowance(M, 50)])

@@ -555,6 +555,10 @@ class Ledger:
                 raise FailedPrecondition(f"org {org!r}: {e.message}", "allowances") from None
         created = bool(await self._call(self.scripts.plan(keys=[self.keys.plan(name)],
                                                           args=fields)))
+        # and the orgs that joined the plan meanwhile (an UpsertOrg that read the plan
+        # before it changed: it reads it again after joining, this covers the rest)
+        orgs = sorted(set(orgs) | {_s(o) for o in await self._call(
+            self.redis.smembers(self.keys.plan_orgs(name)))})
         kept: list[str] = []
         for org in orgs:
             # seats, anchor and ai are read inside the script: a concurrent UpsertOrg
