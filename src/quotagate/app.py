@@ -39,6 +39,7 @@ from quotagate.server.quota import QuotaServicer
 from quotagate.settings import Settings
 from quotagate.sync.sink import Sink, default_url, open_sink
 from quotagate.sync.syncer import LagMonitor, Syncer, SyncOptions
+from quotagate.tasks import raise_if_cancelled
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 from quotagate.workers import EMBEDDED_VAR, INDEX_VAR, STATS_DIR_VAR
 
@@ -48,6 +49,8 @@ log = logging.getLogger("quotagate")
 CATALOG_CHECK_SECONDS = 1.0
 #: how often a serve looks whether its embedded Redis still runs
 EMBEDDED_POLL_S = 0.25
+#: how long App.stop waits for its background tasks to end once cancelled
+STOP_TASKS_S = 10.0
 
 
 class App:
@@ -189,6 +192,7 @@ class App:
         seed = True
         while not applied or probe is not None:
             await asyncio.sleep(CATALOG_CHECK_SECONDS)
+            raise_if_cancelled()
             if applied:
                 try:
                     if await self.redis.exists(probe):
@@ -296,6 +300,7 @@ class App:
         assert self.embedded is not None
         while True:
             await asyncio.sleep(EMBEDDED_POLL_S)
+            raise_if_cancelled()
             if not self.embedded.alive() and not self._stopped.is_set():
                 self._reviving = asyncio.ensure_future(asyncio.to_thread(self.embedded.revive))
                 await asyncio.shield(self._reviving)
@@ -307,6 +312,7 @@ class App:
         owner = f"{socket.gethostname()}:{os.getpid()}"
         while True:
             await asyncio.sleep(interval_ms / 1000)
+            raise_if_cancelled()
             try:
                 await self.ledger.sweep_due(interval_ms, owner)
             except QuotagateError as e:
@@ -326,9 +332,17 @@ class App:
             await asyncio.wait(delivering, timeout=2)
         for t in self._tasks:
             t.cancel()
+        if self._tasks:
+            # each ends at its next turn at the latest; one that does not (stuck in a
+            # call that ignores cancellation) is reported, and the stop goes on
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TASKS_S)
+            for t in stuck:
+                log.error("task %s did not end within %.0f s of the stop: %s",
+                          t.get_name(), STOP_TASKS_S, "".join(_stack_of(t)))
         for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+            if t.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
         if self.sink is not None:
             await self.sink.close()
         if self.metrics is not None:
@@ -351,6 +365,14 @@ class App:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def _stack_of(task: asyncio.Task[Any]) -> list[str]:
+    import io
+
+    out = io.StringIO()
+    task.print_stack(file=out)
+    return [out.getvalue()]
 
 
 def settle_heap() -> int:

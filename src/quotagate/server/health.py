@@ -10,6 +10,7 @@ from collections.abc import Callable
 from grpc_health.v1 import health, health_pb2
 
 from quotagate.ledger.store import Ledger
+from quotagate.tasks import raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Health:
 
     async def run(self, interval_s: float = 1.0) -> None:
         while True:
+            raise_if_cancelled()  # probe() turns every failure into "not serving"
             await self.update()
             await asyncio.sleep(interval_s)
 

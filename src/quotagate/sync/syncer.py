@@ -39,6 +39,7 @@ from quotagate.ledger.model import Catalog
 from quotagate.ledger.store import LedgerOptions
 from quotagate.sync.restore import balance_text
 from quotagate.sync.sink import Entry, Sink, Snapshot, entry_of
+from quotagate.tasks import raise_if_cancelled
 
 log = logging.getLogger("quotagate.sync")
 
@@ -391,6 +392,7 @@ class LagMonitor:
 
     async def run(self) -> None:
         while True:
+            raise_if_cancelled()
             try:
                 await self.refresh()
             except asyncio.CancelledError:
