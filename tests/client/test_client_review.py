@@ -461,3 +461,32 @@ def test_estimates_of_text_without_spaces_between_words() -> None:
         assert estimate.message_tokens(empty) == 1
         assert estimate.message_tokens(empty, 800) == 800
         assert estimate.upload_tokens(empty) == 1
+
+
+async def test_asyncio_client_interceptors_see_every_call(server: Grpc, api: Api) -> None:
+    """`QuotaClient(interceptors=...)`: grpc.aio client interceptors (tracing, metrics) wrap
+    every connection, also the ones opened again after close()."""
+    seen: list[str] = []
+
+    class Record(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+        async def intercept_unary_unary(self, continuation: Any, details: Any,
+                                        request: Any) -> Any:
+            method = details.method
+            if isinstance(method, bytes):
+                method = method.decode()
+            seen.append(method.rsplit("/", 1)[-1])
+            return await continuation(details, request)
+
+    client = QuotaClient(f"127.0.0.1:{server.app.port}", channels=2,
+                         interceptors=[Record()])
+    try:
+        async with client.reservation(subject("acme"), {M: 100}) as hold:
+            assert hold.granted
+            hold.use({M: 40})
+        await client.close()
+        assert (await client.check(subject("acme"), M)).active  # reopened
+    finally:
+        await client.close()
+    assert seen == ["Reserve", "Commit", "Check"]
+    b = await api.balance()
+    assert (b.used, b.reserved) == (40, 0)

@@ -38,10 +38,12 @@ class QuotaClient(c.Calls):
 
     def __init__(self, target: str, *, api_key: str | None = None, channels: int = 4,
                  credentials: grpc.ChannelCredentials | None = None, timeout: float = 2.0,
-                 retries: int = 2) -> None:
+                 retries: int = 2, interceptors: Sequence[Any] = ()) -> None:
         if channels < 1:
             raise ValueError("channels must be at least 1")
         self.target, self._credentials, self._n = target, credentials, channels
+        #: grpc.aio client interceptors (tracing, metrics), on every connection
+        self._interceptors = list(interceptors) or None
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[quota_pb2_grpc.QuotaServiceStub] = []
         self._admin: list[admin_pb2_grpc.AdminServiceStub] = []
@@ -57,9 +59,12 @@ class QuotaClient(c.Calls):
             self.closed = False  # opened (again)
             opts = c.channel_options()
             cred = self._credentials
-            self._channels = [grpc.aio.secure_channel(self.target, cred, options=opts)
-                              if cred else grpc.aio.insecure_channel(self.target, options=opts)
-                              for _ in range(self._n)]
+            icp = self._interceptors
+            self._channels = [
+                grpc.aio.secure_channel(self.target, cred, options=opts, interceptors=icp)
+                if cred else
+                grpc.aio.insecure_channel(self.target, options=opts, interceptors=icp)
+                for _ in range(self._n)]
             self._stubs = [quota_pb2_grpc.QuotaServiceStub(ch) for ch in self._channels]
             self._admin = [admin_pb2_grpc.AdminServiceStub(ch) for ch in self._channels]
         return self._stubs[next(self._next)]
